@@ -1,6 +1,16 @@
 """bpjax: backpropagation written out by hand in JAX, and proven right against JAX autodiff."""
 
 from bpjax.activations import ACTIVATIONS, Activation, get_activation
+from bpjax.check import (
+    DEFAULT_RTOL,
+    REFERENCES,
+    CheckRow,
+    GradCheckReport,
+    GradientMismatchError,
+    assert_grads_match,
+    check_grads,
+    check_mlp,
+)
 from bpjax.losses import LOSSES, FusedOutput, Loss, fused_output, get_loss
 from bpjax.mlp import MLP, Backward, Cache
 
@@ -8,13 +18,21 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
+    "DEFAULT_RTOL",
     "LOSSES",
     "MLP",
+    "REFERENCES",
     "Activation",
     "Backward",
     "Cache",
+    "CheckRow",
     "FusedOutput",
+    "GradCheckReport",
+    "GradientMismatchError",
     "Loss",
+    "assert_grads_match",
+    "check_grads",
+    "check_mlp",
     "fused_output",
     "get_activation",
     "get_loss",

@@ -238,12 +238,12 @@ class MLP:
 
     def per_example_loss(self, params: Params, x: Array, y: Array) -> Array:
         """``C_n`` for each example, shape ``(batch,)``: plain JAX, from the forward maths."""
-        out, cache = self.forward(params, x)
+        _, cache = self.forward(params, x)
         y = self._check_targets(y, cache)
         return self._per_example_loss(cache, y)
 
     def loss(self, params: Params, x: Array, y: Array) -> Array:
-        """The batch-mean loss ``C = (1/B) Σ_n C_n``: the plain-JAX reference autodiff differentiates.
+        """The batch-mean loss ``C = (1/B) Σ_n C_n``: the plain-JAX reference for autodiff.
 
         Args:
           params: as from :meth:`init`.
@@ -256,10 +256,18 @@ class MLP:
         return jnp.mean(self.per_example_loss(params, x, y))
 
     def _per_example_loss(self, cache: Cache, y: Array) -> Array:
+        return self.output_loss(cache.z[-1], cache.a[-1], y)
+
+    def output_loss(self, z: Array, a: Array, y: Array) -> Array:
+        """``C_n``, shape ``(batch,)``, from the output's ``z^L`` and ``a^L`` (``(batch, n_L)``).
+
+        From the logits for the fused canonical pairs, else ``objective.value(z, a, y)``; ``y`` as
+        returned by the loss's target check.
+        """
         fused = self.fused
         if fused is not None:
-            return fused.value(cache.z[-1], y)
-        return self.objective.value(cache.z[-1], cache.a[-1], y)
+            return fused.value(z, y)
+        return self.objective.value(z, a, y)
 
     # -- backward --------------------------------------------------------------------------
 
@@ -325,7 +333,7 @@ class MLP:
         delta = self._output_delta(cache, y) * (1.0 / batch)
         a_prevs = [cache.x, *cache.a[:-1]]
         grads: Grads = [{} for _ in params]
-        deltas: list[Array] = [delta] * len(params)
+        deltas: list[Array] = [delta for _ in params]
         input_grad = None
         for l in reversed(range(len(params))):
             deltas[l] = delta
@@ -404,7 +412,9 @@ def param_problems(net: MLP, params: Any) -> list[str]:
         return [f"expected {net.num_layers} layers (one per activation), got {len(params)}."]
     problems = []
     dtypes = set()
-    for l, (layer, n_in, n_out) in enumerate(zip(params, net.sizes[:-1], net.sizes[1:])):
+    for l, (layer, n_in, n_out) in enumerate(
+        zip(params, net.sizes[:-1], net.sizes[1:], strict=True)
+    ):
         if not isinstance(layer, dict) or set(layer) != {"W", "b"}:
             keys = sorted(layer) if isinstance(layer, dict) else type(layer).__name__
             problems.append(f"params[{l}]: expected a dict with keys 'W' and 'b', got {keys}.")

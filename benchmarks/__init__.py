@@ -1,0 +1,1 @@
+"""Timing scripts for bpjax: each prints a table and can write its results as JSON."""
