@@ -157,13 +157,10 @@ class GradCheckReport:
         failing δ wins over failing leaves, since a wrong δ^l makes every gradient below it wrong.
         ``None`` when nothing failed or no row names a layer.
         """
-        delta_layers = [_layer_of(row.path) for row in self.failures if row.path.startswith("δ")]
-        delta_layers = [layer for layer in delta_layers if layer is not None]
-        if delta_layers:
-            return max(delta_layers)
-        leaf_layers = [_layer_of(row.path) for row in self.failures]
-        leaf_layers = [layer for layer in leaf_layers if layer is not None]
-        return max(leaf_layers) if leaf_layers else None
+        failing = [(row.path.startswith("δ"), _layer_of(row.path)) for row in self.failures]
+        delta_layers = [layer for is_delta, layer in failing if is_delta and layer is not None]
+        leaf_layers = [layer for _, layer in failing if layer is not None]
+        return max(delta_layers or leaf_layers, default=None)
 
     def summary(self) -> str:
         """One paragraph: all good, or where the first disagreement is and what it points to."""
@@ -413,7 +410,7 @@ def check_grads(
     # the value is held to rtol relative to max(1, |C|): a loss near 0 is judged absolutely
     value_atol = rtol * max(1.0, abs(float(ref_value)))
     rows = [compare_arrays("value", "reference", value, ref_value, rtol=rtol, atol=value_atol)]
-    if jax.tree.structure(grads) != treedef:
+    if jax.tree.structure(grads) != treedef:  # type: ignore[operator]
         note = f"tree {jax.tree.structure(grads)}, expected {treedef}"
         rows.append(CheckRow("grads", "structure", math.nan, math.nan, None, False, note=note))
         return GradCheckReport(tuple(rows), jnp.dtype(dtype).name, rtol, atol)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,11 @@ from bpjax._types import Array, Grads, Params, PRNGKey
 __all__ = ["MLP", "Backward", "Cache"]
 
 _PARAM_DTYPES = ("float16", "bfloat16", "float32", "float64")
+# variance = scale / fan: He 2/n_in, Glorot 2/(n_in + n_out) = 1/fan_avg
+_INIT_SCALING: dict[str, tuple[float, Literal["fan_in", "fan_avg"]]] = {
+    "he": (2.0, "fan_in"),
+    "glorot": (1.0, "fan_avg"),
+}
 
 
 class Cache(NamedTuple):
@@ -64,11 +69,10 @@ def _dense_forward(params: dict[str, Array], a_prev: Array) -> Array:
 
 
 def _dense_backward(
-    params: dict[str, Array], a_prev: Array, delta: Array, *, need_input: bool
-) -> tuple[dict[str, Array], Array | None]:
+    params: dict[str, Array], a_prev: Array, delta: Array
+) -> tuple[dict[str, Array], Array]:
     # ∇W = δ^T a,  ∇b = Σ_n δ_n,  ∂C/∂a_prev = δ W
-    grads = {"W": delta.T @ a_prev, "b": jnp.sum(delta, axis=0)}
-    return grads, (delta @ params["W"] if need_input else None)
+    return {"W": delta.T @ a_prev, "b": jnp.sum(delta, axis=0)}, delta @ params["W"]
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -135,6 +139,12 @@ class MLP:
                 f"activations: expected {len(sizes_t) - 1} activations, one per layer of "
                 f"sizes={sizes_t}, got {len(acts)}: {tuple(a.name for a in acts)}."
             )
+        for i, act in enumerate(acts):
+            if act.init not in _INIT_SCALING:
+                raise ValueError(
+                    f"activations[{i}]: {act.name!r} has init={act.init!r}; expected one of "
+                    f"{', '.join(sorted(_INIT_SCALING))}."
+                )
         objective = _losses.get_loss(loss)
         out = acts[-1]
         if objective.accepts is not None and out.output not in objective.accepts:
@@ -201,9 +211,8 @@ class MLP:
         for k, act, n_in, n_out in zip(
             keys, self.activations, self.sizes[:-1], self.sizes[1:], strict=True
         ):
-            scale, mode = (2.0, "fan_in") if act.init == "he" else (1.0, "fan_avg")
             initializer = jax.nn.initializers.variance_scaling(
-                scale, mode, "truncated_normal", in_axis=-1, out_axis=-2
+                *_INIT_SCALING[act.init], "truncated_normal", in_axis=-1, out_axis=-2
             )
             params.append(
                 {"W": initializer(k, (n_out, n_in), dtype), "b": jnp.zeros((n_out,), dtype)}
@@ -286,7 +295,7 @@ class MLP:
         """
         self._check_params(params)
         y = self._check_targets(y, cache)
-        grads, deltas, input_grad = self._backprop(params, cache, y, need_input=True)
+        grads, deltas, input_grad = self._backprop(params, cache, y)
         batch = cache.x.shape[0]
         # the recursion carries δ/B (see _backprop); report the per-example δ
         return Backward(grads, [d * batch for d in deltas], input_grad)
@@ -305,7 +314,8 @@ class MLP:
         _, cache = self.forward(params, x)
         y = self._check_targets(y, cache)
         loss = jnp.mean(self._per_example_loss(cache, y))
-        grads, _, _ = self._backprop(params, cache, y, need_input=False)
+        # input_grad is not returned, so under jit its matmul is dead code and never runs
+        grads, _, _ = self._backprop(params, cache, y)
         return loss, grads
 
     def output_delta(self, cache: Cache, y: Array) -> Array:
@@ -321,9 +331,9 @@ class MLP:
         return self.activations[-1].backward(z, a, self.objective.grad(z, a, y))
 
     def _backprop(
-        self, params: Params, cache: Cache, y: Array, *, need_input: bool
-    ) -> tuple[Grads, list[Array], Array | None]:
-        """The reversed loop. Returns grads, the *scaled* errors δ^l/B, and ∂C/∂x (or None).
+        self, params: Params, cache: Cache, y: Array
+    ) -> tuple[Grads, list[Array], Array]:
+        """The reversed loop. Returns grads, the *scaled* errors δ^l/B, and ∂C/∂x.
 
         The 1/B of the batch mean is applied once, to the (batch, n_L) output error, rather than to
         every ∇W: the same linear algebra, and the cheapest place for it (as reverse-mode autodiff
@@ -334,18 +344,14 @@ class MLP:
         a_prevs = [cache.x, *cache.a[:-1]]
         grads: Grads = [{} for _ in params]
         deltas: list[Array] = [delta for _ in params]
-        input_grad = None
+        da_prev = delta
         for l in reversed(range(len(params))):
+            if l < len(params) - 1:
+                # δ^l = J_{f^l}ᵀ (δ^{l+1} W^{l+1})
+                delta = self.activations[l].backward(cache.z[l], cache.a[l], da_prev)
             deltas[l] = delta
-            grads[l], da_prev = _dense_backward(
-                params[l], a_prevs[l], delta, need_input=l > 0 or need_input
-            )
-            if l > 0:
-                # δ^{l-1} = J_{f^{l-1}}ᵀ (δ^l W^l)
-                delta = self.activations[l - 1].backward(cache.z[l - 1], cache.a[l - 1], da_prev)
-            else:
-                input_grad = da_prev
-        return grads, deltas, input_grad
+            grads[l], da_prev = _dense_backward(params[l], a_prevs[l], delta)
+        return grads, deltas, da_prev
 
     # -- checks at trace time --------------------------------------------------------------
 
