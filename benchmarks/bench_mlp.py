@@ -33,10 +33,13 @@ import argparse
 import gc
 import itertools
 import json
+import math
 import os
 import platform
+import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -106,6 +109,7 @@ class Result(NamedTuple):
     forward_flops: int
     backward_flops: int
     grad_mismatch: float  # max |manual − jax.grad| over every leaf, relative to max |jax.grad|
+    hlo: dict[str, dict[str, float]] | None = None  # hlo_summary by function name, with --hlo
 
 
 # -- FLOP counts ---------------------------------------------------------------------------------
@@ -236,8 +240,12 @@ def bench_case(
     repeats: int | None,
     budget: float,
     seed: int,
+    hlo: bool = False,
 ) -> Result:
-    """Builds, checks and times one case. ``repeats=None`` picks them from ``budget`` seconds."""
+    """Builds, checks and times one case. ``repeats=None`` picks them from ``budget`` seconds.
+
+    With ``hlo`` the result also carries :func:`hlo_summary` of each compiled function.
+    """
     net = build_net(case, activation=activation, output=output, loss=loss)
     args = make_problem(net, case.batch, loss, seed)
     fns = jitted_functions(net)
@@ -260,7 +268,52 @@ def bench_case(
         forward_flops=forward_flops,
         backward_flops=backward_flops,
         grad_mismatch=mismatch,
+        hlo={name: hlo_summary(fn, args) for name, fn in fns.items()} if hlo else None,
     )
+
+
+# -- compiled-program summary --------------------------------------------------------------------
+
+_OPCODE = re.compile(r"^\s*(?:ROOT )?%\S+ = .*?\b([a-z][\w-]*)\(", re.MULTILINE)
+
+
+def _opcodes(hlo_text: str) -> Counter[str]:
+    """How often each HLO opcode occurs in ``hlo_text`` (shapes never read as ``word(``)."""
+    return Counter(_OPCODE.findall(hlo_text))
+
+
+def _entry_computation(hlo_text: str) -> str:
+    """The text of the ENTRY computation of an HLO module: the ops run one after another."""
+    start = hlo_text.index("\nENTRY ")
+    end = hlo_text.find("\n}", start)
+    return hlo_text[start : end if end >= 0 else None]
+
+
+def hlo_summary(fn: Any, args: tuple[Any, ...]) -> dict[str, float]:
+    """Op counts and XLA's cost estimate of the compiled program of the jitted ``fn``.
+
+    Returns a dict with ``entry ops`` (instructions in the ENTRY computation), ``dots`` (every
+    ``dot``, fused or not), ``unfused dots`` (``dot`` in the ENTRY computation: on CPU the ones
+    that no library fusion such as YNNPACK's took, left to XLA's own dot emitter), ``fusions``,
+    ``transposes`` and ``copies`` (anywhere, fused or not), ``scatter/gather``, and XLA's
+    ``GFLOP`` and ``MB accessed``.
+    """
+    compiled = fn.lower(*args).compile()
+    text = compiled.as_text()
+    everywhere, entry = _opcodes(text), _opcodes(_entry_computation(text))
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    return {
+        "entry ops": sum(n for op, n in entry.items() if op not in ("parameter", "constant")),
+        "dots": everywhere["dot"],
+        "unfused dots": entry["dot"],
+        "fusions": entry["fusion"],
+        "transposes": everywhere["transpose"],
+        "copies": everywhere["copy"],
+        "scatter/gather": everywhere["scatter"] + everywhere["gather"],
+        "GFLOP": cost.get("flops", math.nan) / 1e9,
+        "MB accessed": cost.get("bytes accessed", math.nan) / 1e6,
+    }
 
 
 # -- reporting -----------------------------------------------------------------------------------
@@ -335,6 +388,20 @@ def render_table(results: Sequence[Result], *, title: str, target: float) -> Tab
     return table
 
 
+def render_hlo_table(results: Sequence[Result]) -> Table:
+    """A rich table of :func:`hlo_summary`, one row per case and function."""
+    table = Table(title="compiled programs (jax.jit(f).lower(...).compile())")
+    table.add_column("case", no_wrap=True)
+    table.add_column("function", no_wrap=True)
+    keys = next(iter(next(r.hlo for r in results if r.hlo).values()))
+    for key in keys:
+        table.add_column(key, justify="right", no_wrap=True)
+    for r in results:
+        for name, summary in (r.hlo or {}).items():
+            table.add_row(r.case.name, name, *(f"{v:.4g}" for v in summary.values()))
+    return table
+
+
 def _caption(target: float) -> str:
     return (
         "manual = jit(net.value_and_grad); jax.grad = jit(jax.value_and_grad(net.loss)); "
@@ -360,6 +427,7 @@ def result_to_json(result: Result) -> dict[str, Any]:
         "forward_flops": result.forward_flops,
         "backward_flops": result.backward_flops,
         "grad_mismatch": result.grad_mismatch,
+        "hlo": result.hlo,
     }
 
 
@@ -395,12 +463,12 @@ def parse_case(spec: str) -> Case:
         case = Case("custom", sizes, int(batch))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--sizes: expected one of {', '.join(CASES)} or widths and batch like "
+            f"expected one of {', '.join(CASES)} or widths and batch like "
             f"'784,512,512,10@256', got {spec!r}."
         ) from None
     if len(sizes) < 2 or min(*sizes, case.batch) < 1:
         raise argparse.ArgumentTypeError(
-            f"--sizes: expected at least two positive widths and a positive batch, got {spec!r}."
+            f"expected at least two positive widths and a positive batch, got {spec!r}."
         )
     return case
 
@@ -451,6 +519,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for params and data")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
+    parser.add_argument(
+        "--hlo",
+        action="store_true",
+        help="also print op counts and XLA's cost estimate of each compiled program",
+    )
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats: expected a positive count, got {args.repeats}.")
@@ -501,6 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 repeats=args.repeats,
                 budget=args.budget,
                 seed=args.seed,
+                hlo=args.hlo,
             )
         )
     title = (
@@ -508,6 +582,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.loss} ({time.perf_counter() - start:.0f} s)"
     )
     console.print(render_table(results, title=title, target=args.target))
+    if args.hlo:
+        console.print(render_hlo_table(results))
     if args.json is not None:
         write_json(args.json, results, settings)
         console.print(f"wrote {args.json}")

@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import xlog1py, xlogy
 
 from bpjax import activations as _act
@@ -138,9 +139,11 @@ def _cross_entropy_targets(y: Array, batch: int, n_out: int, dtype: jnp.dtype) -
 
 def _check_label_range(y: Array, n_out: int) -> None:
     """Checks 0 ≤ label < n_L where the labels are concrete (outside jit); traced ones can't be."""
-    if isinstance(y, jax.core.Tracer):
+    if isinstance(y, jax.core.Tracer) or jnp.size(y) == 0:
         return
-    lo, hi = int(jnp.min(y)), int(jnp.max(y))
+    # NumPy, not jnp: concrete labels closed over by a jitted function must not become tracers
+    labels = np.asarray(y)
+    lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= n_out:
         raise ValueError(
             f"y: cross_entropy labels must lie in [0, n_L) = [0, {n_out}), got labels from "
