@@ -346,9 +346,7 @@ class MLP:
             return fused.delta(z, a, y)
         return self.activations[-1].backward(z, a, self.objective.grad(z, a, y))
 
-    def _backprop(
-        self, params: Params, cache: Cache, y: Array
-    ) -> tuple[Grads, list[Array], Array]:
+    def _backprop(self, params: Params, cache: Cache, y: Array) -> tuple[Grads, list[Array], Array]:
         """The reversed loop. Returns grads, the *scaled* errors δ^l/B, and ∂C/∂x.
 
         The 1/B of the batch mean is applied once, to the (batch, n_L) output error, rather than to
