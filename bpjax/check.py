@@ -53,6 +53,7 @@ within the step range can lower the observed order; the other rows still hold.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html
 import math
 from collections.abc import Callable, Sequence
@@ -90,6 +91,32 @@ REFERENCES = ("jax.grad", "jax.vjp", "jvp", "finite_diff", "taylor")
 _FD_SAFETY = 10.0
 _TAYLOR_EXPONENTS = tuple(range(3, 15))  # h = 2^-3 … 2^-14, times the leaf's scale
 _TAYLOR_MIN_ORDER = 1.5
+
+
+def _memoized(builder: Callable[..., Any]) -> Callable[..., Any]:
+    """Memoizes a builder of functions on its (hashable) arguments.
+
+    Building the same reference closure for the same user function on every call would make
+    ``jax.jit`` compile it again each time; an equal closure object hits JAX's cache instead.
+    Unhashable arguments simply build afresh.
+    """
+    cached = functools.lru_cache(maxsize=128)(builder)
+
+    def build(*args: Any) -> Any:
+        try:
+            return cached(*args)
+        except TypeError:
+            return builder(*args)
+
+    return build
+
+
+_cached_jit = _memoized(jax.jit)
+
+
+def _wrapper(jit: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``jax.jit`` (memoized per function) or the identity."""
+    return _cached_jit if jit else (lambda f: f)
 
 
 def default_rtol(dtype: Any) -> float:
@@ -386,7 +413,7 @@ def check_grads(
         )
     if directions < 1:
         raise ValueError(f"directions: expected at least 1, got {directions}.")
-    wrap = jax.jit if jit else (lambda f: f)
+    wrap = _wrapper(jit)
 
     value, grads = wrap(manual)(params, *args)
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -441,6 +468,7 @@ def check_grads(
     return GradCheckReport(tuple(rows), jnp.dtype(dtype).name, rtol, atol)
 
 
+@_memoized
 def _reference_fn(
     reference: Callable[..., Array], want_vjp: bool, want_jvp: bool
 ) -> Callable[..., dict[str, Any]]:
@@ -547,18 +575,8 @@ def _float64_rows(
         taylor = np.array([2.0**-e for e in _TAYLOR_EXPONENTS]) * scale
         steps.append(jnp.asarray(np.concatenate([[h, -h, 2 * h, -2 * h], taylor])))
 
-    def lines(p: ArrayTree, trees: list[ArrayTree], steps: list[Array], *a: Any) -> Any:
-        def at(t: ArrayTree, s: Array) -> Array:
-            return reference(jax.tree.map(lambda x, v: x + s * v, p, t), *a)
-
-        along = [
-            jax.vmap(lambda t, s=s: jax.vmap(lambda si: at(t, si))(s))(tree)
-            for tree, s in zip(trees, steps, strict=True)
-        ]
-        return reference(p, *a), along
-
     trees = _leaf_tangent_trees(tangents, treedef, [jnp.float64] * len(p_leaves))
-    f0, along = wrap(lines)(params64, trees, steps, *args64)
+    f0, along = wrap(_lines_fn(reference))(params64, trees, steps, *args64)
     f0 = float(f0)
     rows: list[CheckRow] = []
     for i, path in enumerate(paths):
@@ -581,6 +599,23 @@ def _float64_rows(
             floor = 64 * eps * np.maximum(abs(f0), np.abs(f_t)) + hs * (atol + rtol * grad_norms[i])
             rows.append(_taylor_row(path, hs, remainder, floor))
     return rows
+
+
+@_memoized
+def _lines_fn(reference: Callable[..., Array]) -> Callable[..., Any]:
+    """``(params, trees, steps, *args) -> (f(θ), [f(θ + s v) for each leaf's v and s])``."""
+
+    def lines(p: ArrayTree, trees: list[ArrayTree], steps: list[Array], *a: Any) -> Any:
+        def at(t: ArrayTree, s: Array) -> Array:
+            return reference(jax.tree.map(lambda x, v: x + s * v, p, t), *a)
+
+        along = [
+            jax.vmap(lambda t, s=s: jax.vmap(lambda si: at(t, si))(s))(tree)
+            for tree, s in zip(trees, steps, strict=True)
+        ]
+        return reference(p, *a), along
+
+    return lines
 
 
 def _taylor_row(path: str, hs: np.ndarray, remainder: np.ndarray, floor: np.ndarray) -> CheckRow:
@@ -671,24 +706,13 @@ def check_mlp(
       (True, None)
     """
     backward = net.backward if backward is None else backward
-    jit = kwargs.get("jit", True)
-    wrap = jax.jit if jit else (lambda f: f)
-
-    def run_backward(p: ArrayTree, xs: Array, ys: Array) -> Any:
-        _, cache = net.forward(p, xs)
-        return cache, backward(p, cache, ys)
-
-    def manual(p: ArrayTree, xs: Array, ys: Array) -> tuple[Array, ArrayTree]:
-        cache, bw = run_backward(p, xs, ys)
-        return jnp.mean(
-            net.output_loss(cache.z[-1], cache.a[-1], net._check_targets(ys, cache))
-        ), bw.grads
-
-    report = check_grads(manual, net.loss, params, x, y, **kwargs)
+    wrap = _wrapper(kwargs.get("jit", True))
+    fns = _mlp_fns(net, backward)
+    report = check_grads(fns.manual, net.loss, params, x, y, **kwargs)
     rtol = report.rtol
 
-    _, bw = wrap(run_backward)(params, x, y)
-    ref_deltas = wrap(lambda p, xs, ys: _reference_deltas(net, p, xs, ys))(params, x, y)
+    _, bw = wrap(fns.run_backward)(params, x, y)
+    ref_deltas = wrap(fns.reference_deltas)(params, x, y)
     delta_scale = max(float(np.max(np.abs(_to_f64_np(d)))) for d in ref_deltas)
     rows = list(report.rows)
     for l in reversed(range(net.num_layers)):
@@ -703,7 +727,7 @@ def check_mlp(
                 atol=rtol * delta_scale,
             )
         )
-    ref_input = wrap(jax.grad(net.loss, argnums=1))(params, x, y)
+    ref_input = wrap(fns.reference_input_grad)(params, x, y)
     input_scale = float(np.max(np.abs(_to_f64_np(ref_input))))
     rows.append(
         compare_arrays(
@@ -716,6 +740,32 @@ def check_mlp(
         )
     )
     return dataclasses.replace(report, rows=tuple(rows), deltas_checked=True)
+
+
+class _MLPFns(NamedTuple):
+    """The functions :func:`check_mlp` runs, built once per (net, backward)."""
+
+    run_backward: Callable[..., Any]  # (params, x, y) -> (cache, Backward)
+    manual: Callable[..., Any]  # (params, x, y) -> (loss, grads) by the backward under test
+    reference_deltas: Callable[..., Any]  # (params, x, y) -> [δ^l by jax.vjp]
+    reference_input_grad: Callable[..., Any]  # (params, x, y) -> ∂C/∂x by jax.grad
+
+
+@_memoized
+def _mlp_fns(net: Any, backward: Callable[..., Any]) -> _MLPFns:
+    def run_backward(p: ArrayTree, xs: Array, ys: Array) -> Any:
+        _, cache = net.forward(p, xs)
+        return cache, backward(p, cache, ys)
+
+    def manual(p: ArrayTree, xs: Array, ys: Array) -> tuple[Array, ArrayTree]:
+        cache, bw = run_backward(p, xs, ys)
+        per_example = net.output_loss(cache.z[-1], cache.a[-1], net._check_targets(ys, cache))
+        return jnp.mean(per_example), bw.grads
+
+    def reference_deltas(p: ArrayTree, xs: Array, ys: Array) -> list[Array]:
+        return _reference_deltas(net, p, xs, ys)
+
+    return _MLPFns(run_backward, manual, reference_deltas, jax.grad(net.loss, argnums=1))
 
 
 def _reference_deltas(net: Any, params: ArrayTree, x: Array, y: Array) -> list[Array]:

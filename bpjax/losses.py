@@ -162,7 +162,10 @@ def _binary_cross_entropy_value(z: Array, a: Array, y: Array) -> Array:
 
 def _binary_cross_entropy_grad(z: Array, a: Array, y: Array) -> Array:
     del z
-    return (1 - y) / (1 - a) - y / a
+    # 0 log 0 = 0 in the value, so a term whose target weight is 0 contributes 0, even where
+    # its a or 1 − a rounded to 0
+    zero = jnp.zeros_like(a)
+    return jnp.where(y != 1, (1 - y) / (1 - a), zero) - jnp.where(y != 0, y / a, zero)
 
 
 def _binary_cross_entropy_targets(y: Array, batch: int, n_out: int, dtype: jnp.dtype) -> Array:

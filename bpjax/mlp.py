@@ -182,9 +182,9 @@ class MLP:
         object.__setattr__(self, "fuse_output", bool(fuse_output))
 
     def __repr__(self) -> str:
-        acts = ", ".join(repr(a.name) for a in self.activations)
+        acts = repr(tuple(a.name for a in self.activations))
         return (
-            f"MLP(sizes={self.sizes}, activations=({acts},), loss={self.objective.name!r}"
+            f"MLP(sizes={self.sizes}, activations={acts}, loss={self.objective.name!r}"
             + ("" if self.fuse_output else ", fuse_output=False")
             + ")"
         )
