@@ -16,9 +16,12 @@ manual value and every gradient leaf with five independent references:
     directions, ``h = ε₆₄^{1/3} max(1, ‖θ_leaf‖)``.
 ``taylor``
     step-size free: the remainder ``r(h) = |f(θ + hv) − f(θ) − h⟨g, v⟩|`` shrinks as ``h²`` for
-    the right gradient and only as ``h`` for a wrong one; the observed order is the median slope
-    of ``log r`` against ``log h`` over ``h = 2^{-3} … 2^{-14}`` (times ``max(1, ‖θ_leaf‖)``),
-    in float64.
+    the right gradient and only as ``h`` for a wrong one. Over ``h = 2^{-3} … 2^{-20}`` (times
+    ``max(1, ‖θ_leaf‖)``), in float64, the observed order is the median slope of ``log r``
+    against ``log h`` over the three smallest steps whose remainder stands above the noise floor:
+    there a wrong gradient's ``h`` term dominates, and a kink of a piecewise-linear activation
+    (relu) has dropped out of the step. A remainder at the noise floor at the smallest step means
+    ``f`` is linear along ``v`` near ``θ`` with slope ``⟨g, v⟩``: it passes.
 
 Tolerances
 ----------
@@ -46,8 +49,9 @@ The finite-difference rows add, per direction, the method's own error, estimated
 guessed: the truncation error by Richardson extrapolation ``|D(h) − D(2h)| / 3`` and the roundoff
 ``ε₆₄ |f| / h``, times a safety factor of 10. The Taylor rows pass when the observed order is
 nearer 2 than 1 (``≥ 1.5``); remainders below the noise floor (roundoff of ``f`` plus ``h`` times
-the gradient tolerance) are left out of the fit. For piecewise-linear activations (relu) a kink
-within the step range can lower the observed order; the other rows still hold.
+the gradient tolerance) are left out of the fit. Only a kink closer than ``2^{-20}`` of the
+leaf's scale (a unit sitting on it, ``z = 0`` exactly) can still lower the order of a right
+gradient; finite differences cannot judge such a point either.
 """
 
 from __future__ import annotations
@@ -89,7 +93,8 @@ REFERENCES = ("jax.grad", "jax.vjp", "jvp", "finite_diff", "taylor")
 """The references :func:`check_grads` compares against, by the names its rows use."""
 
 _FD_SAFETY = 10.0
-_TAYLOR_EXPONENTS = tuple(range(3, 15))  # h = 2^-3 … 2^-14, times the leaf's scale
+_TAYLOR_EXPONENTS = tuple(range(3, 21))  # h = 2^-3 … 2^-20, times the leaf's scale
+_TAYLOR_FIT_SLOPES = 3  # the order is the median slope over the smallest steps above the floor
 _TAYLOR_MIN_ORDER = 1.5
 
 
@@ -619,29 +624,56 @@ def _lines_fn(reference: Callable[..., Array]) -> Callable[..., Any]:
 
 
 def _taylor_row(path: str, hs: np.ndarray, remainder: np.ndarray, floor: np.ndarray) -> CheckRow:
-    """Observed order of the Taylor remainder: the median slope of log r against log h."""
+    """Observed order of the Taylor remainder: slopes of log r against log h at the smallest steps.
+
+    The smallest steps decide: there a wrong gradient's first-order term ``h |⟨g − ∇f, v⟩|``
+    dominates the ``h²`` term (and scales as the floor's gradient-tolerance term ``h · tol``
+    does), and a kink of a piecewise-smooth activation (relu) is no longer between θ and θ + hv.
+    The order is fitted on the run of steps above the noise floor that ends at the smallest step.
+    A smallest step at the floor passes: ``⟨g, v⟩`` is the slope of ``f`` there to within the
+    tolerance; the order of the run above the floor is then shown for information.
+    """
     if not np.all(np.isfinite(remainder)):
         k = int(np.argmax(~np.isfinite(remainder)))
         return CheckRow(
             path, "taylor", math.nan, math.nan, (k,), False, None,
             f"remainder not finite at h={hs[k]:.1e}",
         )  # fmt: skip
-    above = remainder > floor
-    slopes = [
-        math.log(remainder[k] / remainder[k + 1]) / math.log(hs[k] / hs[k + 1])
-        for k in range(len(hs) - 1)
-        if above[k] and above[k + 1]
-    ]
     smallest = float(remainder[-1])
-    if not slopes:
+    above = remainder > floor
+    if not above[-1]:
+        last = int(np.flatnonzero(above)[-1]) if above.any() else -1
+        return CheckRow(
+            path, "taylor", smallest, math.nan, None, True, _fit_order(hs, remainder, above, last),
+            "smallest steps at the noise floor: ⟨g, v⟩ is the slope of f there",
+        )  # fmt: skip
+    order = _fit_order(hs, remainder, above, len(hs) - 1)
+    if order is None:
         return CheckRow(
             path, "taylor", smallest, math.nan, None, True, None,
-            "remainder at the noise floor: f is linear along v to working precision",
+            "one step above the noise floor: too little signal to fit an order",
         )  # fmt: skip
-    order = float(np.median(slopes))
     passed = order >= _TAYLOR_MIN_ORDER
     note = "" if passed else f"remainder shrinks as h^{order:.2f}: the gradient is wrong"
     return CheckRow(path, "taylor", smallest, math.nan, None, passed, order, note)
+
+
+def _fit_order(hs: np.ndarray, remainder: np.ndarray, above: np.ndarray, last: int) -> float | None:
+    """Median slope of ``log r`` against ``log h`` over the smallest steps of a run.
+
+    The run is the contiguous stretch of steps above the noise floor ending at step ``last``;
+    ``None`` when it has fewer than two steps.
+    """
+    if last < 1 or not above[last - 1]:
+        return None
+    first = last
+    while first > 0 and above[first - 1]:
+        first -= 1
+    slopes = [
+        math.log(remainder[k] / remainder[k + 1]) / math.log(hs[k] / hs[k + 1])
+        for k in range(first, last)
+    ]
+    return float(np.median(slopes[-_TAYLOR_FIT_SLOPES:]))
 
 
 def assert_grads_match(

@@ -337,3 +337,34 @@ def test_check_mlp_float32():
         "δ^1 (deltas[0])",
         "input_grad",
     }
+
+
+@pytest.mark.parametrize("w", [-1e-3, 1e-3])
+def test_taylor_passes_a_right_gradient_next_to_a_relu_kink(x64, w):
+    """A dead unit 1e-3 from its kink: f is flat near θ and first order beyond the kink.
+
+    The smallest steps decide, so the right (zero) gradient passes on both sides of the kink.
+    """
+    net = bp.MLP((1, 1), ("relu",), "squared_error")
+    params = [{"W": jnp.array([[w]]), "b": jnp.array([0.0])}]
+    report = bp.check_mlp(net, params, jnp.array([[1.0]]), jnp.array([[1.0]]), jit=False)
+    assert report.ok, str(report)
+    taylor = [row for row in report.rows if row.reference == "taylor"]
+    assert len(taylor) == 2
+    if w > 0:  # a live unit: f is smooth near θ and the order is 2
+        assert all(abs(row.order - 2) < 0.05 for row in taylor)
+
+
+def test_taylor_catches_a_wrong_gradient_next_to_a_relu_kink(x64):
+    """The same dead unit with a made-up gradient: the smallest steps show order 1."""
+    net = bp.MLP((1, 1), ("relu",), "squared_error")
+    params = [{"W": jnp.array([[-1e-3]]), "b": jnp.array([0.0])}]
+    x, y = jnp.array([[1.0]]), jnp.array([[1.0]])
+
+    def wrong(p, xs, ys):
+        loss, grads = net.value_and_grad(p, xs, ys)
+        return loss, jax.tree.map(lambda g: g + 0.1, grads)
+
+    report = bp.check_grads(wrong, net.loss, params, x, y, jit=False, references=("taylor",))
+    assert not report.ok
+    assert all(row.order is not None and row.order < 1.2 for row in report.failures)
