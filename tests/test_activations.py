@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import bpjax as bp
+from tests.reference import JAX_NN_FORWARD
 
 NAMES = (
     "identity",
@@ -22,20 +23,6 @@ NAMES = (
     "mish",
     "softmax",
 )
-# the forward as jax.nn defines it: the backward is checked against its autodiff
-JAX_NN = {
-    "identity": lambda z: z,
-    "sigmoid": jax.nn.sigmoid,
-    "tanh": jnp.tanh,
-    "relu": jax.nn.relu,
-    "leaky_relu": lambda z: jax.nn.leaky_relu(z, negative_slope=0.01),
-    "elu": lambda z: jax.nn.elu(z, alpha=1.0),
-    "softplus": jax.nn.softplus,
-    "gelu": lambda z: jax.nn.gelu(z, approximate=False),
-    "silu": jax.nn.silu,
-    "mish": jax.nn.mish,
-    "softmax": lambda z: jax.nn.softmax(z, axis=-1),
-}
 RTOL = {"float64": 1e-13, "float32": 1e-6}
 
 
@@ -66,7 +53,7 @@ def test_forward_is_jax_nn(name, dtype):
         z, _ = _inputs(jnp.dtype(dtype))
         a = bp.ACTIVATIONS[name].forward(z)
         assert a.dtype == z.dtype and a.shape == z.shape
-        np.testing.assert_allclose(a, JAX_NN[name](z), rtol=RTOL[dtype], atol=0)
+        np.testing.assert_allclose(a, JAX_NN_FORWARD[name](z), rtol=RTOL[dtype], atol=0)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -77,7 +64,7 @@ def test_backward_is_vjp_of_forward(name, dtype):
         z, g = _inputs(jnp.dtype(dtype))
         act = bp.ACTIVATIONS[name]
         got = act.backward(z, act.forward(z), g)
-        _, pullback = jax.vjp(JAX_NN[name], z)
+        _, pullback = jax.vjp(JAX_NN_FORWARD[name], z)
         (want,) = pullback(g)
         assert got.dtype == z.dtype and got.shape == z.shape
         assert _norm_rel(got, want) <= RTOL[dtype]
@@ -93,7 +80,7 @@ def test_backward_finite_for_large_inputs_in_float32(name):
     act = bp.ACTIVATIONS[name]
     a = act.forward(z)
     got = act.backward(z, a, g)
-    (want,) = jax.vjp(JAX_NN[name], z)[1](g)
+    (want,) = jax.vjp(JAX_NN_FORWARD[name], z)[1](g)
     assert np.all(np.isfinite(a))
     finite = np.isfinite(np.asarray(want))
     assert np.all(np.isfinite(np.asarray(got))[finite])
@@ -106,7 +93,7 @@ def test_softmax_backward_is_jacobian_transpose_product(x64):
     a = act.forward(z)
     got = act.backward(z, a, g)
     # the explicit Jacobian per row, J = diag(a) − a aᵀ, only in the test
-    jac = jax.vmap(jax.jacobian(JAX_NN["softmax"]))(z)  # (batch, n, n)
+    jac = jax.vmap(jax.jacobian(JAX_NN_FORWARD["softmax"]))(z)  # (batch, n, n)
     want = jnp.einsum("bij,bi->bj", jac, g)
     assert _norm_rel(got, want) <= 1e-13
     explicit = jax.vmap(lambda a: jnp.diag(a) - jnp.outer(a, a))(a)

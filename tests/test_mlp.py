@@ -33,23 +33,11 @@ from hypothesis import assume, currently_in_test_context, given, settings
 from hypothesis import strategies as st
 
 import bpjax as bp
+from tests.reference import JAX_NN_FORWARD
 
 # -- the reference: plain JAX from the forward maths --------------------------------------------
 
-FORWARD = {
-    "identity": lambda z: z,
-    "sigmoid": jax.nn.sigmoid,
-    "tanh": jnp.tanh,
-    "relu": jax.nn.relu,
-    "leaky_relu": lambda z: jax.nn.leaky_relu(z, negative_slope=0.01),
-    "elu": lambda z: jax.nn.elu(z, alpha=1.0),
-    "softplus": jax.nn.softplus,
-    "gelu": lambda z: jax.nn.gelu(z, approximate=False),
-    "silu": jax.nn.silu,
-    "mish": jax.nn.mish,
-    "softmax": lambda z: jax.nn.softmax(z, axis=-1),
-}
-ACTIVATION_NAMES = tuple(FORWARD)
+ACTIVATION_NAMES = tuple(JAX_NN_FORWARD)
 # (loss, output activation) pairs a loss accepts; squared_error takes any output
 OUTPUTS = (
     *(("squared_error", name) for name in ACTIVATION_NAMES),
@@ -71,7 +59,7 @@ def ref_output_loss(loss: str, out: str, from_logits: bool, z: jax.Array, y: jax
     same function; the choice only decides which roundoff the reference shares: where ``1 − a``
     cancels (a saturated output under binary cross-entropy) both formulations lose digits alike.
     """
-    a = FORWARD[out](z)
+    a = JAX_NN_FORWARD[out](z)
     if loss == "squared_error":
         return 0.5 * jnp.sum((y - a) ** 2, axis=-1)
     if from_logits and loss == "cross_entropy":
@@ -92,7 +80,7 @@ def ref_per_example(acts, loss, from_logits, params, x, y, eps):
     a = x
     for layer, act, e in zip(params, acts, eps, strict=True):
         z = a @ layer["W"].T + layer["b"] + e
-        a = FORWARD[act](z)
+        a = JAX_NN_FORWARD[act](z)
     return ref_output_loss(loss, acts[-1], from_logits, z, y)
 
 
@@ -107,7 +95,7 @@ def reference(acts, loss, from_logits, params, x, y) -> dict[str, Any]:
     (deltas,) = pullback(jnp.ones_like(per_example))
     out = x
     for layer, act in zip(params, acts, strict=True):
-        out = FORWARD[act](out @ layer["W"].T + layer["b"])
+        out = JAX_NN_FORWARD[act](out @ layer["W"].T + layer["b"])
     return {
         "output": out,
         "loss": value,
