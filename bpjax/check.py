@@ -308,7 +308,7 @@ def _to_f64_np(x: Any) -> np.ndarray:
     return np.asarray(jax.device_get(x)).astype(np.float64)
 
 
-def compare_arrays(
+def _compare_arrays(
     path: str, reference_name: str, manual: Any, reference: Any, *, rtol: float, atol: float
 ) -> CheckRow:
     """A :class:`CheckRow` comparing two arrays of the same shape (in float64 on the host)."""
@@ -441,7 +441,7 @@ def check_grads(
 
     # the value is held to rtol relative to max(1, |C|): a loss near 0 is judged absolutely
     value_atol = rtol * max(1.0, abs(float(ref_value)))
-    rows = [compare_arrays("value", "reference", value, ref_value, rtol=rtol, atol=value_atol)]
+    rows = [_compare_arrays("value", "reference", value, ref_value, rtol=rtol, atol=value_atol)]
     if jax.tree.structure(grads) != treedef:  # type: ignore[operator]
         note = f"tree {jax.tree.structure(grads)}, expected {treedef}"
         rows.append(CheckRow("grads", "structure", math.nan, math.nan, None, False, note=note))
@@ -451,7 +451,7 @@ def check_grads(
     for name in ("jax.grad", "jax.vjp"):
         if name in references:
             for path, m, r in zip(paths, m_leaves, jax.tree.leaves(refs[name]), strict=True):
-                rows.append(compare_arrays(path, name, m, r, rtol=rtol, atol=atol))
+                rows.append(_compare_arrays(path, name, m, r, rtol=rtol, atol=atol))
 
     manual_dd = [
         np.tensordot(t, _to_f64_np(m), axes=np.ndim(m))
@@ -750,7 +750,7 @@ def check_mlp(
     for l in reversed(range(net.num_layers)):
         manual_delta = bw.deltas[l] if l < len(bw.deltas) else jnp.zeros((0,))
         rows.append(
-            compare_arrays(
+            _compare_arrays(
                 f"δ^{l + 1} (deltas[{l}])",
                 "jax.vjp (layers above)",
                 manual_delta,
@@ -762,7 +762,7 @@ def check_mlp(
     ref_input = wrap(fns.reference_input_grad)(params, x, y)
     input_scale = float(np.max(np.abs(_to_f64_np(ref_input))))
     rows.append(
-        compare_arrays(
+        _compare_arrays(
             "input_grad",
             "jax.grad (x)",
             bw.input_grad,

@@ -379,7 +379,7 @@ class MLP:
     # -- checks at trace time --------------------------------------------------------------
 
     def _check_params(self, params: Params) -> None:
-        problems = param_problems(self, params)
+        problems = _param_problems(self, params)
         if problems:
             raise ValueError(
                 "params: do not match "
@@ -433,7 +433,7 @@ def _check_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
     return sizes_t
 
 
-def param_problems(net: MLP, params: Any) -> list[str]:
+def _param_problems(net: MLP, params: Any) -> list[str]:
     """Every way ``params`` differs from what ``net`` expects, one line each (empty if none)."""
     if not isinstance(params, (list, tuple)):
         return [f"expected a list of {net.num_layers} layer dicts, got {type(params).__name__}."]
