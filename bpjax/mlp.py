@@ -12,16 +12,16 @@ In the batch-row notation of DESIGN.md, with ``a^0 = x`` of shape ``(batch, n_0)
     ∇_{b^l} C = (1/B) Σ_n δ^l_n
     ∇_x C     = (1/B) δ^1 W^1
 
-The backward is one reversed loop over the layers; each step is a Dense layer's backward
-(``_dense_backward``) handing ``∂C/∂a^{l-1}`` to the activation below it, so the general
-``serial`` network of layers is this same loop.
+The network is a serial composition of :class:`bpjax.layers.Dense` layers, and its backward is
+:func:`bpjax.layers.backprop`, the one reversed loop over layers that any serial network uses:
+each Dense step hands ``∂C/∂a^{l-1} = δ^l W^l`` to the layer below.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,15 +29,11 @@ import jax.numpy as jnp
 from bpjax import activations as _act
 from bpjax import losses as _losses
 from bpjax._types import Array, Grads, Params, PRNGKey
+from bpjax.layers import _INIT_SCALING, Dense, DenseCache, backprop
 
 __all__ = ["MLP", "Backward", "Cache"]
 
 _PARAM_DTYPES = ("float16", "bfloat16", "float32", "float64")
-# variance = scale / fan: He 2/n_in, Glorot 2/(n_in + n_out) = 1/fan_avg
-_INIT_SCALING: dict[str, tuple[float, Literal["fan_in", "fan_avg"]]] = {
-    "he": (2.0, "fan_in"),
-    "glorot": (1.0, "fan_avg"),
-}
 
 
 class Cache(NamedTuple):
@@ -61,43 +57,6 @@ class Backward(NamedTuple):
     grads: Grads  # like params: [{"W": (n_l, n_{l-1}), "b": (n_l,)}, ...]
     deltas: list[Array]  # L × (batch, n_l): δ^l_n = ∂C_n/∂z^l_n
     input_grad: Array  # (batch, n_0): ∂C/∂x of the batch-mean loss
-
-
-def _dense_forward(params: dict[str, Array], a_prev: Array) -> Array:
-    # z = a W^T + b
-    return a_prev @ params["W"].T + params["b"]
-
-
-def _dense_backward(
-    params: dict[str, Array], a_prev: Array, delta: Array
-) -> tuple[dict[str, Array], Array]:
-    # ∇W = δ^T a,  ∇b = Σ_n δ_n,  ∂C/∂a_prev = δ W
-    return {"W": _weight_grad(delta, a_prev), "b": jnp.sum(delta, axis=0)}, delta @ params["W"]
-
-
-# 2·B·n_l·n_{l-1} FLOPs above which ∇W materialises δᵀ on CPU (see _weight_grad). Measured with
-# benchmarks/bench_mlp.py on a 2-core x86 CPU: a 2048×2048 ∇W at B=512 runs 28% faster through the
-# copy; 2048×1024 at B=512 breaks even; at 512×784 and B=256 the copy costs the whole step ~3%.
-_MATERIALISE_DELTA_T_FLOPS = 2**31
-
-
-def _weight_grad(delta: Array, a_prev: Array) -> Array:
-    """``δᵀ a_prev``, shape ``(n_l, n_{l-1})``: the batch-summed outer products.
-
-    XLA:CPU hands a dot to its fast library (YNNPACK) only when the left operand is not
-    transposed, and folds a plain ``δ.T`` into the dot; so for large dots on CPU ``δᵀ`` is
-    materialised first, an O(B·n_l) copy that makes the O(B·n_l·n_{l-1}) dot up to 28% faster.
-    Small dots and other platforms take ``δ.T`` as it is.
-    """
-    (batch, n_out), n_in = delta.shape, a_prev.shape[-1]
-    if 2 * batch * n_out * n_in <= _MATERIALISE_DELTA_T_FLOPS:
-        return delta.T @ a_prev
-    return jax.lax.platform_dependent(
-        delta,
-        a_prev,
-        cpu=lambda d, a: jax.lax.optimization_barrier(d.T) @ a,
-        default=lambda d, a: d.T @ a,
-    )
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -204,6 +163,13 @@ class MLP:
         return len(self.activations)
 
     @property
+    def layers(self) -> tuple[Dense, ...]:
+        """The network as :class:`bpjax.layers.Dense` layers; the backward is their δ-recursion."""
+        return tuple(
+            Dense(n_out, act) for n_out, act in zip(self.sizes[1:], self.activations, strict=True)
+        )
+
+    @property
     def fused(self) -> _losses.FusedOutput | None:
         """The fused output pair in use, or ``None`` when the generic path runs."""
         if not self.fuse_output:
@@ -233,15 +199,9 @@ class MLP:
             )
         keys = jax.random.split(key, self.num_layers)
         params = []
-        for k, act, n_in, n_out in zip(
-            keys, self.activations, self.sizes[:-1], self.sizes[1:], strict=True
-        ):
-            initializer = jax.nn.initializers.variance_scaling(
-                *_INIT_SCALING[act.init], "truncated_normal", in_axis=-1, out_axis=-2
-            )
-            params.append(
-                {"W": initializer(k, (n_out, n_in), dtype), "b": jnp.zeros((n_out,), dtype)}
-            )
+        for k, layer, n_in in zip(keys, self.layers, self.sizes[:-1], strict=True):
+            layer_params, _ = layer.init(k, (n_in,), dtype)
+            params.append(layer_params)
         return params
 
     # -- forward ---------------------------------------------------------------------------
@@ -259,10 +219,9 @@ class MLP:
         x = self._check_inputs(params, x)
         zs, as_ = [], []
         a = x
-        for layer, act in zip(params, self.activations, strict=True):
-            z = _dense_forward(layer, a)
-            a = act.forward(z)
-            zs.append(z)
+        for layer_params, layer in zip(params, self.layers, strict=True):
+            a, layer_cache = layer.forward(layer_params, a)
+            zs.append(layer_cache.z)
             as_.append(a)
         return a, Cache(x=x, z=zs, a=as_)
 
@@ -362,19 +321,19 @@ class MLP:
         every ∇W: the same linear algebra, and the cheapest place for it (as reverse-mode autodiff
         does when it seeds the mean's cotangent).
         """
-        batch = cache.x.shape[0]
-        delta = self._output_delta(cache, y) * (1.0 / batch)
-        a_prevs = [cache.x, *cache.a[:-1]]
-        grads: Grads = [{} for _ in params]
-        deltas: list[Array] = [delta for _ in params]
-        da_prev = delta
-        for l in reversed(range(len(params))):
-            if l < len(params) - 1:
-                # δ^l = J_{f^l}ᵀ (δ^{l+1} W^{l+1})
-                delta = self.activations[l].backward(cache.z[l], cache.a[l], da_prev)
-            deltas[l] = delta
-            grads[l], da_prev = _dense_backward(params[l], a_prevs[l], delta)
-        return grads, deltas, da_prev
+        scale = 1.0 / cache.x.shape[0]
+        z, a = cache.z[-1], cache.a[-1]
+        layer_caches = [
+            DenseCache(x, z_l, a_l)
+            for x, z_l, a_l in zip([cache.x, *cache.a[:-1]], cache.z, cache.a, strict=True)
+        ]
+        fused = self.fused
+        if fused is not None:
+            return backprop(
+                self.layers, params, layer_caches, output_delta=fused.delta(z, a, y) * scale
+            )
+        output_error = self.objective.grad(z, a, y) * scale
+        return backprop(self.layers, params, layer_caches, output_error=output_error)
 
     # -- checks at trace time --------------------------------------------------------------
 
