@@ -11,8 +11,10 @@ from bpjax.check import (
     check_grads,
     check_mlp,
 )
+from bpjax.layers import Dense, DenseCache, backprop
 from bpjax.losses import LOSSES, FusedOutput, Loss, fused_output, get_loss
 from bpjax.mlp import MLP, Backward, Cache
+from bpjax.network import Serial, SerialCache, serial
 
 __version__ = "0.1.0"
 
@@ -26,14 +28,20 @@ __all__ = [
     "Backward",
     "Cache",
     "CheckRow",
+    "Dense",
+    "DenseCache",
     "FusedOutput",
     "GradCheckReport",
     "GradientMismatchError",
     "Loss",
+    "Serial",
+    "SerialCache",
     "assert_grads_match",
+    "backprop",
     "check_grads",
     "check_mlp",
     "fused_output",
     "get_activation",
     "get_loss",
+    "serial",
 ]

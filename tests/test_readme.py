@@ -10,12 +10,14 @@ import bpjax as bp
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_quick_start_runs():
+def test_python_examples_run_in_order():
     text = README.read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks, "the README has no python block"
+    assert len(blocks) >= 2, "the README lost its python examples"
     namespace: dict = {}
-    exec(compile(blocks[0], str(README), "exec"), namespace)
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), namespace)
+    assert isinstance(namespace["net"], bp.Serial)  # the last example: the serial network
     assert namespace["report"].ok
     assert isinstance(namespace["bw"], bp.Backward)
     assert namespace["report"].first_bad_layer is None

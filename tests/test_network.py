@@ -1,0 +1,169 @@
+"""Serial networks and the layer contract: one δ-recursion for the MLP and for any composition."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bpjax as bp
+from bpjax.layers import Dense
+
+
+class Scale(NamedTuple):
+    """A user's layer: ``y = x ∘ s`` with a learned per-feature scale ``s``."""
+
+    def init(self, key, in_shape, dtype=jnp.float32):
+        del key
+        return {"s": jnp.ones(in_shape, dtype)}, in_shape
+
+    def forward(self, params, x):
+        return x * params["s"], x
+
+    def backward(self, params, cache, dy):
+        x = cache
+        return {"s": jnp.sum(dy * x, axis=0)}, dy * params["s"]
+
+
+def _data(key, batch, n_in, n_out, dtype, labels=True):
+    kx, ky = jax.random.split(key)
+    x = jax.random.normal(kx, (batch, n_in), dtype)
+    if labels:
+        return x, jax.random.randint(ky, (batch,), 0, n_out)
+    return x, jax.random.normal(ky, (batch, n_out), dtype)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "generic"])
+def test_serial_of_dense_layers_is_the_mlp(x64, fuse):
+    """The MLP and serial(Dense, ...) run the same recursion: equal to the last bit or nearly."""
+    net = bp.MLP((5, 7, 6, 4), ("tanh", "relu", "softmax"), "cross_entropy", fuse_output=fuse)
+    ser = bp.serial(
+        Dense(7, "tanh"),
+        Dense(6, "relu"),
+        Dense(4, "softmax"),
+        loss="cross_entropy",
+        input_shape=(5,),
+        fuse_output=fuse,
+    )
+    params = net.init(jax.random.key(0), jnp.float64)
+    x, y = _data(jax.random.key(1), 9, 5, 4, jnp.float64)
+    out, cache = net.forward(params, x)
+    s_out, s_cache = ser.forward(params, x)
+    np.testing.assert_array_equal(out, s_out)
+    mlp_bw, ser_bw = net.backward(params, cache, y), ser.backward(params, s_cache, y)
+    for a, b in zip(jax.tree.leaves(mlp_bw), jax.tree.leaves(ser_bw), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(ser.loss(params, x, y), net.loss(params, x, y), rtol=1e-15)
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+def test_a_users_layer_in_a_serial_network_checks_out(x64, jit):
+    net = bp.serial(
+        Dense(6, "tanh"),
+        Scale(),
+        Dense(3, "identity"),
+        loss="squared_error",
+        input_shape=(4,),
+    )
+    params = net.init(jax.random.key(0), jnp.float64)
+    params[1] = {"s": jnp.linspace(0.5, 1.5, 6)}
+    x, y = _data(jax.random.key(1), 5, 4, 3, jnp.float64, labels=False)
+    report = bp.check_grads(net.value_and_grad, net.loss, params, x, y, jit=jit)
+    assert report.ok, str(report)
+    assert "[1]['s']" in {row.path for row in report.rows}
+    # the error recorded at the Scale layer is ∂C_n/∂y there, per example
+    _, cache = net.forward(params, x)
+    bw = net.backward(params, cache, y)
+    assert [d.shape for d in bw.deltas] == [(5, 6), (5, 6), (5, 3)]
+    np.testing.assert_allclose(
+        bw.input_grad, jax.grad(net.loss, argnums=1)(params, x, y), rtol=1e-12
+    )
+
+
+def test_serial_is_hashable_jits_without_static_args_and_vmaps():
+    def build():
+        return bp.serial(
+            Dense(5, "relu"), Dense(3, "sigmoid"), loss="binary_cross_entropy", input_shape=(2,)
+        )
+
+    net = build()
+    assert net == build() and hash(net) == hash(build())
+    params = net.init(jax.random.key(0))
+    xs = jax.random.normal(jax.random.key(1), (4, 6, 2))
+    ys = jax.random.uniform(jax.random.key(2), (4, 6, 3))
+    losses, grads = jax.jit(jax.vmap(net.value_and_grad, in_axes=(None, 0, 0)))(params, xs, ys)
+    for i in range(4):
+        loss_i, grads_i = net.value_and_grad(params, xs[i], ys[i])
+        np.testing.assert_allclose(losses[i], loss_i, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_i), strict=True):
+            np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-7)
+
+
+def test_dense_layer_backward_matches_vjp(x64):
+    layer = Dense(4, "gelu")
+    params, out_shape = layer.init(jax.random.key(0), (3,), jnp.float64)
+    assert out_shape == (4,)
+    x = jax.random.normal(jax.random.key(1), (6, 3), jnp.float64)
+    dy = jax.random.normal(jax.random.key(2), (6, 4), jnp.float64)
+    _, cache = layer.forward(params, x)
+    grads, dx = layer.backward(params, cache, dy)
+    _, pullback = jax.vjp(lambda p, x: layer.forward(p, x)[0], params, x)
+    want_grads, want_dx = pullback(dy)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-12)
+    for key in ("W", "b"):
+        np.testing.assert_allclose(grads[key], want_grads[key], rtol=1e-12)
+
+
+def test_backprop_takes_exactly_one_output_error():
+    with pytest.raises(ValueError, match="exactly one of output_error and output_delta"):
+        bp.backprop([Dense(2)], [{}], [None])
+
+
+@pytest.mark.parametrize(
+    "build, error, match",
+    [
+        (lambda: bp.serial(loss="squared_error", input_shape=(2,)), ValueError, "at least one"),
+        (
+            lambda: bp.serial(object(), loss="squared_error", input_shape=(2,)),
+            TypeError,
+            r"layers\[0\]: expected a layer with init, forward and backward, got object",
+        ),
+        (
+            lambda: bp.serial(Dense(2), loss="squared_error", input_shape=(0,)),
+            ValueError,
+            "input_shape: expected positive integers",
+        ),
+        (
+            lambda: bp.serial(Dense(2, "tanh"), loss="cross_entropy", input_shape=(3,)),
+            ValueError,
+            r"layers\[-1\]: the loss 'cross_entropy' is defined on outputs that are simplex",
+        ),
+        (lambda: Dense(0), ValueError, "n_out: expected a positive integer, got 0"),
+        (lambda: Dense(2, "nope"), ValueError, "unknown activation 'nope'"),
+    ],
+)
+def test_bad_construction(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+def test_bad_inputs_and_params(jit):
+    net = bp.serial(Dense(3, "tanh"), Dense(2), loss="squared_error", input_shape=(4,))
+    params = net.init(jax.random.key(0))
+    wrap: Any = jax.jit if jit else (lambda f: f)
+    x, y = jnp.ones((5, 4)), jnp.ones((5, 2))
+    with pytest.raises(ValueError, match=r"x: expected shape \(batch, 4\), got \(5, 3\)"):
+        wrap(net.loss)(params, jnp.ones((5, 3)), y)
+    with pytest.raises(TypeError, match="x: expected floating inputs, got dtype int32"):
+        wrap(net.loss)(params, jnp.ones((5, 4), jnp.int32), y)
+    bad = [params[0], {"W": jnp.ones((2, 4)), "b": jnp.ones(2)}]
+    with pytest.raises(
+        ValueError, match=r"params\[1\]\['W'\]: expected shape \(2, 3\), got \(2, 4\)"
+    ):
+        wrap(net.value_and_grad)(bad, x, y)
+    with pytest.raises(ValueError, match=r"y: squared_error expects targets of shape"):
+        wrap(net.value_and_grad)(params, x, jnp.ones((5, 3)))
