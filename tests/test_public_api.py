@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import pkgutil
 import types
 
 import pytest
@@ -49,8 +50,17 @@ def _attribute_docstrings(module: types.ModuleType) -> dict[str, str]:
     return docs
 
 
+def _submodules() -> list[str]:
+    """Every public bpjax module (not __main__, not the CLI, not private ones)."""
+    return [
+        info.name
+        for info in pkgutil.iter_modules(bp.__path__, prefix="bpjax.")
+        if not info.name.rsplit(".", 1)[-1].startswith("_") and info.name != "bpjax.cli"
+    ]
+
+
 def _defining_module(name: str) -> types.ModuleType:
-    for module_name in ("bpjax.activations", "bpjax.losses", "bpjax.mlp", "bpjax.check"):
+    for module_name in _submodules():
         module = importlib.import_module(module_name)
         if name in getattr(module, "__all__", ()):
             return module
