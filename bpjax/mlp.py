@@ -305,9 +305,6 @@ class MLP:
     def output_delta(self, cache: Cache, y: Array) -> Array:
         """``δ^L_n = ∂C_n/∂z^L_n``, shape ``(batch, n_L)``: fused or ``J_fᵀ ∇_a C_n``."""
         y = self._check_targets(y, cache)
-        return self._output_delta(cache, y)
-
-    def _output_delta(self, cache: Cache, y: Array) -> Array:
         z, a = cache.z[-1], cache.a[-1]
         fused = self.fused
         if fused is not None:
