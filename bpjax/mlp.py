@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from bpjax import activations as _act
 from bpjax import losses as _losses
 from bpjax._types import Array, Grads, Params, PRNGKey
-from bpjax.layers import _INIT_SCALING, Dense, DenseCache, backprop
+from bpjax.layers import Dense, DenseCache, backprop
+from bpjax.layers._dense import _INIT_SCALING
 
 __all__ = ["MLP", "Backward", "Cache"]
 
@@ -56,7 +57,7 @@ class Backward(NamedTuple):
 
     grads: Grads  # like params: [{"W": (n_l, n_{l-1}), "b": (n_l,)}, ...]
     deltas: list[Array]  # L × (batch, n_l): δ^l_n = ∂C_n/∂z^l_n
-    input_grad: Array  # (batch, n_0): ∂C/∂x of the batch-mean loss
+    input_grad: Array | None  # (batch, n_0): ∂C/∂x of the batch-mean loss; None for indices
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -326,11 +327,16 @@ class MLP:
         ]
         fused = self.fused
         if fused is not None:
-            return backprop(
+            grads, errors, input_grad = backprop(
                 self.layers, params, layer_caches, output_delta=fused.delta(z, a, y) * scale
             )
-        output_error = self.objective.grad(z, a, y) * scale
-        return backprop(self.layers, params, layer_caches, output_error=output_error)
+        else:
+            output_error = self.objective.grad(z, a, y) * scale
+            grads, errors, input_grad = backprop(
+                self.layers, params, layer_caches, output_error=output_error
+            )
+        assert input_grad is not None  # Dense layers take floating inputs
+        return grads, errors, input_grad
 
     # -- checks at trace time --------------------------------------------------------------
 

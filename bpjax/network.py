@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from bpjax import losses as _losses
 from bpjax._types import Array, PRNGKey
 from bpjax.layers import Dense, backprop
+from bpjax.layers._core import layer_forward, split_key
 from bpjax.mlp import Backward
 
 __all__ = ["Serial", "SerialCache", "serial"]
@@ -29,7 +30,7 @@ class SerialCache(NamedTuple):
     """What :meth:`Serial.forward` keeps for the backward pass."""
 
     layers: list[Any]  # one cache per layer, from its forward
-    out: Array  # (batch, n_out): the network's output
+    out: Array  # (batch, ..., n_out): the network's output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,15 @@ class Serial:
     one cache per layer. ``Backward.deltas[i]`` is layer ``i``'s per-example error, unscaled by
     ``1/B``: ``δ = ∂C_n/∂z`` for a layer with a weighted input (:class:`~bpjax.layers.Dense`),
     else ``∂C_n/∂y`` at its output.
+
+    Outputs may have axes between the batch and the features, ``(batch, ..., n_out)`` (a sequence
+    model's time steps): the loss then takes targets ``(batch, ...)`` (labels) or
+    ``(batch, ..., n_out)``, and ``C_n`` is the mean over those positions, so ``C`` is the mean
+    over all ``batch × positions`` outputs.
+
+    ``forward``, ``loss``, ``per_example_loss`` and ``value_and_grad`` take ``key=``: a PRNG key
+    for the layers that draw randomness in training (:class:`~bpjax.layers.Dropout`), one
+    ``fold_in`` per layer position; ``None`` (the default) is evaluation mode.
     """
 
     layers: tuple[Any, ...]
@@ -64,33 +74,45 @@ class Serial:
             params.append(layer_params)
         return params
 
-    def forward(self, params: Sequence[Any], x: Array) -> tuple[Array, SerialCache]:
+    def forward(
+        self, params: Sequence[Any], x: Array, *, key: PRNGKey | None = None
+    ) -> tuple[Array, SerialCache]:
         """The output ``(batch, *out_shape)`` and a :class:`SerialCache`."""
         x = self._check_inputs(params, x)
         caches = []
-        for layer, layer_params in zip(self.layers, params, strict=True):
-            x, cache = layer.forward(layer_params, x)
+        keys = split_key(key, len(self.layers))
+        for layer, layer_params, layer_key in zip(self.layers, params, keys, strict=True):
+            x, cache = layer_forward(layer, layer_params, x, layer_key)
             caches.append(cache)
         return x, SerialCache(caches, x)
 
-    def __call__(self, params: Sequence[Any], x: Array) -> Array:
+    def __call__(self, params: Sequence[Any], x: Array, *, key: PRNGKey | None = None) -> Array:
         """The network's output."""
-        return self.forward(params, x)[0]
+        return self.forward(params, x, key=key)[0]
 
     def _output_loss(self, cache: SerialCache, y: Array) -> Array:
+        """``C_n``, shape ``(batch,)``: the mean of the loss over each example's positions."""
+        out = cache.out
         fused = self.fused
         if fused is not None:
-            return fused.value(cache.layers[-1].z, y)
-        return self.objective.value(cache.out, cache.out, y)
+            per_position = fused.value(_positions(cache.layers[-1].z), y)
+        else:
+            flat = _positions(out)
+            per_position = self.objective.value(flat, flat, y)
+        return jnp.mean(per_position.reshape(out.shape[0], -1), axis=1)
 
-    def per_example_loss(self, params: Sequence[Any], x: Array, y: Array) -> Array:
+    def per_example_loss(
+        self, params: Sequence[Any], x: Array, y: Array, *, key: PRNGKey | None = None
+    ) -> Array:
         """``C_n`` for each example, shape ``(batch,)``: plain JAX, from the forward maths."""
-        out, cache = self.forward(params, x)
+        out, cache = self.forward(params, x, key=key)
         return self._output_loss(cache, self._check_targets(y, out))
 
-    def loss(self, params: Sequence[Any], x: Array, y: Array) -> Array:
+    def loss(
+        self, params: Sequence[Any], x: Array, y: Array, *, key: PRNGKey | None = None
+    ) -> Array:
         """The batch-mean loss ``C = (1/B) Σ_n C_n``: the plain-JAX reference for autodiff."""
-        return jnp.mean(self.per_example_loss(params, x, y))
+        return jnp.mean(self.per_example_loss(params, x, y, key=key))
 
     def backward(self, params: Sequence[Any], cache: SerialCache, y: Array) -> Backward:
         """The δ-recursion: batch-mean grads, per-example errors and ``∂C/∂x``.
@@ -104,9 +126,11 @@ class Serial:
         batch = cache.out.shape[0]
         return Backward(grads, [e * batch for e in errors], input_grad)
 
-    def value_and_grad(self, params: Sequence[Any], x: Array, y: Array) -> tuple[Array, list[Any]]:
+    def value_and_grad(
+        self, params: Sequence[Any], x: Array, y: Array, *, key: PRNGKey | None = None
+    ) -> tuple[Array, list[Any]]:
         """The batch-mean loss and its gradient, by the forward pass and the δ-recursion."""
-        out, cache = self.forward(params, x)
+        out, cache = self.forward(params, x, key=key)
         y = self._check_targets(y, out)
         loss = jnp.mean(self._output_loss(cache, y))
         grads, _, _ = self._backprop(params, cache, y)
@@ -114,29 +138,42 @@ class Serial:
 
     def _backprop(
         self, params: Sequence[Any], cache: SerialCache, y: Array
-    ) -> tuple[list[Any], list[Array], Array]:
-        scale = 1.0 / cache.out.shape[0]  # the batch mean's 1/B, applied once to the output error
+    ) -> tuple[list[Any], list[Array], Array | None]:
+        out = cache.out
+        # the mean's 1/(B·positions), applied once to the output error
+        scale = 1.0 / (out.size // out.shape[-1])
         fused = self.fused
         if fused is not None:
             last = cache.layers[-1]
-            delta = fused.delta(last.z, last.a, y) * scale
-            return backprop(self.layers, params, cache.layers, output_delta=delta)
-        error = self.objective.grad(cache.out, cache.out, y) * scale
-        return backprop(self.layers, params, cache.layers, output_error=error)
+            delta = fused.delta(_positions(last.z), _positions(last.a), y) * scale
+            return backprop(
+                self.layers, params, cache.layers, output_delta=delta.reshape(out.shape)
+            )
+        flat = _positions(out)
+        error = self.objective.grad(flat, flat, y) * scale
+        return backprop(self.layers, params, cache.layers, output_error=error.reshape(out.shape))
 
     # -- checks at trace time --------------------------------------------------------------
 
     def _check_inputs(self, params: Sequence[Any], x: Array) -> Array:
         leaves = jax.tree.leaves(params)
         x_dtype = jnp.result_type(x)
-        if not jnp.issubdtype(x_dtype, jnp.floating):
+        integer_input = getattr(self.layers[0], "integer_input", False)
+        if integer_input and not jnp.issubdtype(x_dtype, jnp.integer):
+            raise TypeError(
+                f"x: the first layer ({type(self.layers[0]).__name__}) takes integer inputs, "
+                f"got dtype {x_dtype}; cast them with x.astype(jnp.int32)."
+            )
+        if not integer_input and not jnp.issubdtype(x_dtype, jnp.floating):
             raise TypeError(f"x: expected floating inputs, got dtype {x_dtype}; cast them first.")
         shape = jnp.shape(x)
         if tuple(shape[1:]) != self.input_shape or len(shape) != len(self.input_shape) + 1:
             raise ValueError(
                 f"x: expected shape (batch, {', '.join(map(str, self.input_shape))}), got {shape}."
             )
-        expected = jax.eval_shape(lambda: self.init(jax.random.key(0), x_dtype))
+        default_dtype = jnp.float32 if integer_input else x_dtype
+        dtype = jnp.result_type(*leaves) if leaves else default_dtype
+        expected = jax.eval_shape(lambda: self.init(jax.random.key(0), dtype))
         problems = _tree_problems(params, expected)
         if problems:
             raise ValueError(
@@ -144,19 +181,34 @@ class Serial:
                 + "\n  ".join(problems)
                 + "\nBuild them with net.init(key) or match its shapes."
             )
-        dtype = jnp.result_type(*leaves) if leaves else x_dtype
-        return jnp.asarray(x).astype(dtype)
+        return jnp.asarray(x) if integer_input else jnp.asarray(x).astype(dtype)
 
     def _check_targets(self, y: Array, out: Array) -> Array:
+        """``y`` flattened to one target per output position, as the loss takes it."""
         targets = self.objective.targets
-        if targets is None:
-            return jnp.asarray(y)
-        if out.ndim != 2:
+        if out.ndim < 2:
             raise ValueError(
-                f"the network's output has shape {out.shape}; losses take (batch, n_out): "
+                f"the network's output has shape {out.shape}; losses take (batch, ..., n_out): "
                 "end the network with a Dense layer."
             )
-        return targets(y, out.shape[0], out.shape[1], out.dtype)
+        y = jnp.asarray(y)
+        lead, n_out = out.shape[:-1], out.shape[-1]
+        positions = out.size // n_out
+        if out.ndim > 2:
+            if y.shape[: len(lead)] != lead or y.ndim not in (len(lead), len(lead) + 1):
+                raise ValueError(
+                    f"y: the network's output has shape {out.shape}; expected targets of shape "
+                    f"{lead} (labels) or {out.shape}, got {y.shape}."
+                )
+            y = y.reshape(positions, *y.shape[len(lead) :])
+        if targets is None:
+            return y
+        return targets(y, positions, n_out, out.dtype)
+
+
+def _positions(out: Array) -> Array:
+    """``(batch, ..., n)`` as ``(batch·positions, n)``: one row per output position."""
+    return out.reshape(-1, out.shape[-1])
 
 
 def _tree_problems(params: Any, expected: Any) -> list[str]:

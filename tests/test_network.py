@@ -167,3 +167,80 @@ def test_bad_inputs_and_params(jit):
         wrap(net.value_and_grad)(bad, x, y)
     with pytest.raises(ValueError, match=r"y: squared_error expects targets of shape"):
         wrap(net.value_and_grad)(params, x, jnp.ones((5, 3)))
+
+
+def _noise_forward(params, x, *, key=None):
+    """y = x ∘ (1 + ε), ε ~ N(0, 0.1²) in training; the identity in evaluation."""
+    del params
+    if key is None:
+        return x, jnp.ones_like(x)
+    scale = 1 + 0.1 * jax.random.normal(key, x.shape, x.dtype)
+    return x * scale, scale
+
+
+def _noise_backward(params, scale, dy):
+    del params
+    return {}, dy * scale
+
+
+_NOISE = bp.layers.Layer(
+    init=lambda key, shape, dtype: ({}, shape),
+    forward=_noise_forward,
+    backward=_noise_backward,
+    needs_key=True,
+)
+
+
+def test_a_key_reaches_the_layers_that_need_one(x64, maybe_jit):
+    """Training mode (a key) draws the same noise in the manual and the reference loss."""
+    net = bp.serial(
+        Dense(6, "tanh"), _NOISE, Dense(3, "softmax"), loss="cross_entropy", input_shape=(4,)
+    )
+    params = net.init(jax.random.key(0), jnp.float64)
+    x, y = _data(jax.random.key(1), 7, 4, 3, jnp.float64)
+    k = jax.random.key(2)
+    loss, grads = maybe_jit(net.value_and_grad)(params, x, y, key=k)
+    ref_loss, ref_grads = jax.value_and_grad(net.loss)(params, x, y, key=k)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-14)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-14)
+    # evaluation mode is deterministic and differs from training mode
+    eval_out = net(params, x)
+    np.testing.assert_array_equal(eval_out, net(params, x, key=None))
+    assert not np.allclose(eval_out, net(params, x, key=k))
+    np.testing.assert_array_equal(net(params, x, key=k), net(params, x, key=k))
+
+
+@pytest.mark.parametrize("labels", [True, False], ids=["labels", "probabilities"])
+def test_outputs_with_positions_take_the_mean_over_them(x64, maybe_jit, labels):
+    """A (batch, T, n) output: C_n is the mean over the T positions of each example."""
+    net = bp.serial(Dense(6, "tanh"), Dense(3, "softmax"), loss="cross_entropy", input_shape=(5, 4))
+    params = net.init(jax.random.key(0), jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 4), jnp.float64)
+    if labels:
+        y = jax.random.randint(jax.random.key(2), (2, 5), 0, 3)
+        one_hot = jax.nn.one_hot(y, 3, dtype=jnp.float64)
+    else:
+        y = one_hot = jax.nn.softmax(jax.random.normal(jax.random.key(2), (2, 5, 3), jnp.float64))
+    out = net(params, x)
+    expected = -jnp.mean(jnp.sum(one_hot * jnp.log(out), axis=-1), axis=1)
+    np.testing.assert_allclose(net.per_example_loss(params, x, y), expected, rtol=1e-12)
+    loss, grads = maybe_jit(net.value_and_grad)(params, x, y)
+    ref_loss, ref_grads = jax.value_and_grad(net.loss)(params, x, y)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-13)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-14)
+    # per-example, unscaled errors: ∂C_n/∂z_{n,t} = (a_{n,t} − y_{n,t}) / T
+    _, cache = net.forward(params, x)
+    deltas = net.backward(params, cache, y).deltas
+    np.testing.assert_allclose(deltas[-1], (out - one_hot) / 5, rtol=1e-12, atol=1e-15)
+
+
+def test_outputs_with_positions_reject_mismatched_targets():
+    net = bp.serial(Dense(3, "softmax"), loss="cross_entropy", input_shape=(5, 4))
+    params = net.init(jax.random.key(0))
+    x = jnp.ones((2, 5, 4))
+    with pytest.raises(ValueError, match=r"y: the network's output has shape \(2, 5, 3\)"):
+        net.loss(params, x, jnp.zeros((2, 4), jnp.int32))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, n_L\)"):
+        net.loss(params, x, jnp.full((2, 5), 3))

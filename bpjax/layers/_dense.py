@@ -1,23 +1,8 @@
-"""Layers with hand-written backward passes, and the one δ-recursion that chains them.
-
-A layer is a frozen, hashable spec with three pure functions (the contract of DESIGN.md)::
-
-    init(key, in_shape, dtype) -> (params, out_shape)     shapes without the batch axis
-    forward(params, x)         -> (y, cache)               x: (batch, *in_shape)
-    backward(params, cache, dy) -> (grads, dx)             dy = ∂C/∂y, dx = ∂C/∂x
-
-A layer whose output is an activation of a weighted input, ``y = f(z)``, also gives the split
-``delta(cache, dy) -> δ = ∂C/∂z`` and ``backward_delta(params, cache, δ) -> (grads, dx)``, so
-that :func:`backprop` can record ``δ`` and start from a fused output error.
-
-:func:`backprop` is the reversed loop over a serial composition: the ``dx`` of layer ``i`` is the
-``dy`` of layer ``i − 1``. :class:`bpjax.MLP` is this loop over :class:`Dense` layers.
-"""
+"""The fully connected layer :class:`Dense`: ``z = x Wᵀ + b``, ``a = f(z)``."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -26,7 +11,7 @@ import jax.numpy as jnp
 from bpjax import activations as _act
 from bpjax._types import Array, PRNGKey
 
-__all__ = ["Dense", "DenseCache", "backprop"]
+__all__ = ["Dense", "DenseCache"]
 
 # variance = scale / fan: He 2/n_in, Glorot 2/(n_in + n_out) = 1/fan_avg
 _INIT_SCALING: dict[str, tuple[float, Any]] = {
@@ -62,9 +47,9 @@ def _weight_grad(delta: Array, a_prev: Array) -> Array:
 class DenseCache(NamedTuple):
     """What :meth:`Dense.forward` keeps for the backward pass."""
 
-    x: Array  # (batch, n_in): the layer's input a^{l-1}
-    z: Array  # (batch, n_out): the weighted input z^l
-    a: Array  # (batch, n_out): the activation a^l = f(z^l)
+    x: Array  # (batch, ..., n_in): the layer's input a^{l-1}
+    z: Array  # (batch, ..., n_out): the weighted input z^l
+    a: Array  # (batch, ..., n_out): the activation a^l = f(z^l)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,15 +89,18 @@ class Dense:
     ) -> tuple[dict[str, Array], tuple[int, ...]]:
         """``W`` truncated normal (Glorot, or He for the ReLU family), ``b = 0``.
 
+        ``in_shape`` is ``(n_in,)``, or ``(..., n_in)`` for inputs with leading axes (time steps,
+        positions), which share the weights: the layer acts on the last axis.
+
         Returns:
-          ``({"W": (n_out, n_in), "b": (n_out,)}, (n_out,))``.
+          ``({"W": (n_out, n_in), "b": (n_out,)}, (..., n_out))``.
         """
-        if len(in_shape) != 1:
+        if len(in_shape) < 1:
             raise ValueError(
-                f"in_shape: Dense takes inputs of shape (batch, n_in), got feature shape "
-                f"{tuple(in_shape)}; put a Flatten before it."
+                "in_shape: Dense takes inputs of shape (batch, ..., n_in), got a scalar feature "
+                "shape (); give each example at least one feature axis."
             )
-        (n_in,) = in_shape
+        *lead, n_in = in_shape
         initializer = jax.nn.initializers.variance_scaling(
             *_INIT_SCALING[self.activation.init], "truncated_normal", in_axis=-1, out_axis=-2
         )
@@ -120,7 +108,7 @@ class Dense:
             "W": initializer(key, (self.n_out, n_in), dtype),
             "b": jnp.zeros((self.n_out,), dtype),
         }
-        return params, (self.n_out,)
+        return params, (*lead, self.n_out)
 
     def forward(self, params: dict[str, Array], x: Array) -> tuple[Array, DenseCache]:
         """``a = f(x Wᵀ + b)``, shape ``(batch, n_out)``, and the cache ``(x, z, a)``."""
@@ -135,8 +123,13 @@ class Dense:
     def backward_delta(
         self, params: dict[str, Array], cache: DenseCache, delta: Array
     ) -> tuple[dict[str, Array], Array]:
-        """From ``δ``: ``∇W = δᵀ x``, ``∇b = Σ_n δ_n``, ``dx = δ W`` (shape ``(batch, n_in)``)."""
-        grads = {"W": _weight_grad(delta, cache.x), "b": jnp.sum(delta, axis=0)}
+        """From ``δ``: ``∇W = δᵀ x``, ``∇b = Σ_n δ_n``, ``dx = δ W`` (shape ``(batch, n_in)``).
+
+        With leading axes, ``(batch, ..., n)``, the sums run over the batch and those axes.
+        """
+        n_out, n_in = params["W"].shape
+        flat_delta, flat_x = delta.reshape(-1, n_out), cache.x.reshape(-1, n_in)
+        grads = {"W": _weight_grad(flat_delta, flat_x), "b": jnp.sum(flat_delta, axis=0)}
         return grads, delta @ params["W"]
 
     def backward(
@@ -144,50 +137,3 @@ class Dense:
     ) -> tuple[dict[str, Array], Array]:
         """From ``dy = ∂C/∂a``: ``δ = J_fᵀ dy``, then :meth:`backward_delta`."""
         return self.backward_delta(params, cache, self.delta(cache, dy))
-
-
-def backprop(
-    layers: Sequence[Any],
-    params: Sequence[Any],
-    caches: Sequence[Any],
-    *,
-    output_error: Array | None = None,
-    output_delta: Array | None = None,
-) -> tuple[list[Any], list[Array], Array]:
-    """The δ-recursion over a serial composition: one reversed loop over the layers.
-
-    Layer ``i`` gets ``dy`` = the ``dx`` of layer ``i + 1``. A layer with a weighted input
-    (``delta``/``backward_delta``) records ``δ = ∂C/∂z``; any other layer records the ``dy`` it
-    received.
-
-    Args:
-      layers: the layers, input first.
-      params: one params pytree per layer.
-      caches: one cache per layer, from its ``forward``.
-      output_error: ``∂C/∂y`` of the last layer's output, or
-      output_delta: ``δ`` of the last layer directly (a fused output pair); exactly one is given.
-
-    Returns:
-      ``(grads, errors, input_grad)``: grads per layer, the error recorded at each layer (scaled
-      as the given output error is), and ``∂C/∂x`` of the first layer's input.
-    """
-    if (output_error is None) == (output_delta is None):
-        raise ValueError("backprop: pass exactly one of output_error and output_delta.")
-    n = len(layers)
-    grads: list[Any] = [None] * n
-    errors: list[Any] = [None] * n
-    dy = output_error
-    for i in reversed(range(n)):
-        layer, cache = layers[i], caches[i]
-        if i == n - 1 and output_delta is not None:
-            delta = output_delta
-        elif hasattr(layer, "backward_delta"):
-            delta = layer.delta(cache, dy)  # δ^l = J_{f^l}ᵀ (δ^{l+1} W^{l+1})
-        else:
-            errors[i] = dy
-            grads[i], dy = layer.backward(params[i], cache, dy)
-            continue
-        errors[i] = delta
-        grads[i], dy = layer.backward_delta(params[i], cache, delta)
-    assert dy is not None
-    return grads, errors, dy

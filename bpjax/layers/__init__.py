@@ -1,0 +1,35 @@
+"""Layers with hand-written backward passes, and the one δ-recursion that chains them.
+
+A layer is any object with three pure functions (the contract of DESIGN.md; :class:`Layer` builds
+one from plain functions)::
+
+    init(key, in_shape, dtype) -> (params, out_shape)     shapes without the batch axis
+    forward(params, x)         -> (y, cache)               x: (batch, *in_shape)
+    backward(params, cache, dy) -> (grads, dx)             dy = ∂C/∂y, dx = ∂C/∂x
+
+``backward`` is the layer's VJP: ``grads`` are ``Σ`` over the batch of ``dyᵀ ∂y/∂θ`` (the ``1/B``
+of the batch mean is already in ``dy``), with the params' tree structure (``{}`` for a layer
+without params). Optional parts of the contract:
+
+- ``delta(cache, dy) -> δ`` and ``backward_delta(params, cache, δ) -> (grads, dx)``: a layer whose
+  output is an activation of a weighted input, ``y = f(z)``, splits its backward at ``δ = ∂C/∂z``,
+  so that :func:`backprop` records ``δ`` and can start from a fused output error.
+- ``needs_key = True``: ``forward(params, x, key=...)`` takes a PRNG key (:class:`Dropout`);
+  networks pass ``None`` in evaluation mode.
+- ``integer_input = True``: the layer takes integer inputs (:class:`Embedding`); its ``dx`` is
+  ``None``.
+
+:func:`backprop` is the reversed loop over a serial composition: the ``dx`` of layer ``i`` is the
+``dy`` of layer ``i − 1``. :class:`bpjax.MLP` is this loop over :class:`Dense` layers, and
+:func:`bpjax.serial` over any layers.
+"""
+
+from bpjax.layers._core import Layer, backprop
+from bpjax.layers._dense import Dense, DenseCache
+
+__all__ = [
+    "Dense",
+    "DenseCache",
+    "Layer",
+    "backprop",
+]
