@@ -1,6 +1,7 @@
 """bpjax: backpropagation written out by hand in JAX, and proven right against JAX autodiff."""
 
 from bpjax.activations import ACTIVATIONS, Activation, get_activation
+from bpjax.bridge import custom_vjp
 from bpjax.check import (
     DEFAULT_RTOL,
     REFERENCES,
@@ -40,6 +41,7 @@ __all__ = [
     "backprop",
     "check_grads",
     "check_mlp",
+    "custom_vjp",
     "fused_output",
     "get_activation",
     "get_loss",
