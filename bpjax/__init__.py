@@ -11,6 +11,7 @@ from bpjax.check import (
     assert_grads_match,
     check_grads,
     check_mlp,
+    check_network,
 )
 from bpjax.layers import Dense, DenseCache, backprop
 from bpjax.losses import LOSSES, FusedOutput, Loss, fused_output, get_loss
@@ -41,6 +42,7 @@ __all__ = [
     "backprop",
     "check_grads",
     "check_mlp",
+    "check_network",
     "custom_vjp",
     "fused_output",
     "get_activation",

@@ -68,6 +68,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bpjax._types import Array, ArrayTree
+from bpjax.layers._core import layer_forward, split_key
+from bpjax.network import SerialCache
 
 __all__ = [
     "DEFAULT_RTOL",
@@ -78,6 +80,7 @@ __all__ = [
     "assert_grads_match",
     "check_grads",
     "check_mlp",
+    "check_network",
     "default_rtol",
 ]
 
@@ -154,7 +157,10 @@ class GradCheckReport:
       dtype: the params' dtype name.
       rtol: the relative tolerance used.
       atol: the absolute tolerance used.
-      deltas_checked: whether the rows include per-layer δ checks (from :func:`check_mlp`).
+      deltas_checked: whether the rows include per-layer δ checks (from :func:`check_mlp` or
+        :func:`check_network`).
+      layer_names: for :func:`check_network`, each layer's name (``"Conv2D"``), input first;
+        empty for an MLP, whose layers are all Dense.
     """
 
     rows: tuple[CheckRow, ...]
@@ -162,6 +168,7 @@ class GradCheckReport:
     rtol: float
     atol: float
     deltas_checked: bool = False
+    layer_names: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -209,13 +216,15 @@ class GradCheckReport:
             bad_deltas = {_layer_of(r.path) for r in self.failures if r.path.startswith("δ")}
             if layer in bad_deltas:
                 top = max(_layer_of(r.path) or 0 for r in self.rows if r.path.startswith("δ"))
-                where = (
-                    "the output error δ^L (the loss gradient or the output activation's backward)"
-                    if layer == top
-                    else f"the step from δ^{layer + 1} to δ^{layer} "
-                    f"(the product with W^{layer + 1} or the derivative of f^{layer})"
+                lines.append(
+                    f"First bad layer in backprop order: {self._layer_label(layer)}; look at "
+                    f"{self._delta_step(layer, top)}."
                 )
-                lines.append(f"First bad layer in backprop order: {layer}; look at {where}.")
+            elif self.layer_names:
+                lines.append(
+                    f"Every δ agrees; the params gradient of layer {self._layer_label(layer)} is "
+                    "wrong (its backward's grads from a right dy)."
+                )
             else:
                 lines.append(
                     f"Every δ agrees; the gradient formula of layer {layer} is wrong "
@@ -224,6 +233,25 @@ class GradCheckReport:
         elif layer is not None:
             lines.append(f"First bad layer in backprop order: {layer}.")
         return " ".join(lines)
+
+    def _layer_label(self, layer: int) -> str:
+        if 0 < layer <= len(self.layer_names):
+            return f"{layer} ({self.layer_names[layer - 1]})"
+        return str(layer)
+
+    def _delta_step(self, layer: int, top: int) -> str:
+        """What a first wrong ``δ^layer`` points to in the recursion."""
+        if layer == top:
+            return "the output error δ^L (the loss gradient or the output activation's backward)"
+        if self.layer_names:
+            return (
+                f"the backward of layer {self._layer_label(layer + 1)} (its dx) or the δ step of "
+                f"layer {self._layer_label(layer)}"
+            )
+        return (
+            f"the step from δ^{layer + 1} to δ^{layer} "
+            f"(the product with W^{layer + 1} or the derivative of f^{layer})"
+        )
 
     def _table_rows(self) -> list[list[str]]:
         return [
@@ -708,6 +736,9 @@ def check_mlp(
 ) -> GradCheckReport:
     """:func:`check_grads` for an :class:`~bpjax.MLP`, plus every layer's δ and ``∂C/∂x``.
 
+    A :func:`bpjax.serial` network goes to :func:`check_network`, which does the same for any
+    layers.
+
     Besides the leaf rows of :func:`check_grads` (``net.loss`` is the reference), each per-example
     error ``δ^l`` of the backward is compared with ``jax.vjp`` of the sub-network *above* layer
     ``l``: ``z^l ↦ (C_n)_n``, pulled back with a cotangent of ones, is exactly ``∂C_n/∂z^l_n``.
@@ -737,6 +768,8 @@ def check_mlp(
       >>> report.ok, report.first_bad_layer
       (True, None)
     """
+    if not hasattr(net, "num_layers"):  # a serial network: its layers are not all Dense
+        return check_network(net, params, x, y, backward=backward, **kwargs)
     backward = net.backward if backward is None else backward
     wrap = _wrapper(kwargs.get("jit", True))
     fns = _mlp_fns(net, backward)
@@ -821,3 +854,175 @@ def _reference_deltas(net: Any, params: ArrayTree, x: Array, y: Array) -> list[A
         losses, pullback = jax.vjp(lambda z, l=l: above(l, z), cache.z[l])
         deltas.append(pullback(jnp.ones_like(losses))[0])
     return deltas
+
+
+def check_network(
+    net: Any,
+    params: ArrayTree,
+    x: Array,
+    y: Array,
+    *,
+    backward: Callable[..., Any] | None = None,
+    key: Array | None = None,
+    **kwargs: Any,
+) -> GradCheckReport:
+    """:func:`check_mlp` for any :func:`bpjax.serial` network: grads, each layer's error, ∂C/∂x.
+
+    Each layer's recorded error (``Backward.deltas[i]``: ``δ = ∂C_n/∂z`` for a layer with a
+    weighted input, such as Dense or Conv2D, else ``∂C_n/∂y`` at its output) is compared with
+    ``jax.vjp`` of the network *above* it, built from the layers' ``forward`` functions alone (and
+    the layer's own ``activation.forward`` between ``z`` and its output): a cotangent of ones on
+    ``(C_n)_n`` pulls back exactly ``∂C_n/∂(·)_n``. Rows ``δ^l (deltas[l-1])`` name the layer;
+    :attr:`GradCheckReport.first_bad_layer` is the first one, from the output down, that
+    disagrees, and :meth:`GradCheckReport.summary` names its type and which backward to look at.
+
+    Args:
+      net: a :func:`bpjax.serial` network (an :class:`~bpjax.MLP` goes to :func:`check_mlp`).
+      params: its params.
+      x: inputs ``(batch, *input_shape)``.
+      y: targets as ``net.loss`` takes them.
+      backward: ``backward(params, cache, y) -> Backward`` to check instead of ``net.backward``.
+      key: the PRNG key of a training-mode forward (layers with ``needs_key``, such as Dropout);
+        the manual and the reference passes draw the same randomness from it.
+      **kwargs: passed on to :func:`check_grads` (``rtol``, ``atol``, ``directions``, ``seed``,
+        ``jit``, ``references``).
+
+    Returns:
+      A :class:`GradCheckReport` with ``deltas_checked=True`` and ``layer_names``.
+
+    Raises:
+      TypeError: ``net`` is not a network, or an MLP is given a ``key``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bpjax as bp
+      >>> from bpjax.layers import Dense
+      >>> net = bp.serial(Dense(4, "tanh"), Dense(2, "softmax"), loss="cross_entropy",
+      ...                 input_shape=(3,))
+      >>> params = net.init(jax.random.key(0))
+      >>> report = check_network(net, params, jnp.ones((5, 3)), jnp.array([0, 1, 1, 0, 1]))
+      >>> report.ok, report.layer_names
+      (True, ('Dense', 'Dense'))
+    """
+    if hasattr(net, "num_layers"):
+        if key is not None:
+            raise TypeError("key: an MLP draws no randomness; call check_network without key.")
+        return check_mlp(net, params, x, y, backward=backward, **kwargs)
+    if not all(hasattr(net, m) for m in ("layers", "forward", "backward", "loss")):
+        raise TypeError(
+            f"net: expected a bpjax network (bpjax.serial(...) or bpjax.MLP), got "
+            f"{type(net).__name__}."
+        )
+    backward = net.backward if backward is None else backward
+    wrap = _wrapper(kwargs.get("jit", True))
+    fns = _network_fns(net, backward)
+    report = check_grads(fns.manual, fns.reference, params, x, y, key, **kwargs)
+    rtol = report.rtol
+
+    _, bw = wrap(fns.run_backward)(params, x, y, key)
+    ref_errors = wrap(fns.reference_errors)(params, x, y, key)
+    scale = max(float(np.max(np.abs(_to_f64_np(e)), initial=0.0)) for e in ref_errors)
+    rows = list(report.rows)
+    for l in reversed(range(len(net.layers))):
+        manual_error = bw.deltas[l] if l < len(bw.deltas) else jnp.zeros((0,))
+        rows.append(
+            _compare_arrays(
+                f"δ^{l + 1} (deltas[{l}])",
+                "jax.vjp (layers above)",
+                manual_error,
+                ref_errors[l],
+                rtol=rtol,
+                atol=rtol * scale,
+            )
+        )
+    if bw.input_grad is not None or jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        ref_input = wrap(fns.reference_input_grad)(params, x, y, key)
+        input_scale = float(np.max(np.abs(_to_f64_np(ref_input)), initial=0.0))
+        manual_input = jnp.zeros((0,)) if bw.input_grad is None else bw.input_grad
+        rows.append(
+            _compare_arrays(
+                "input_grad",
+                "jax.grad (x)",
+                manual_input,
+                ref_input,
+                rtol=rtol,
+                atol=rtol * input_scale,
+            )
+        )
+    names = tuple(type(layer).__name__ for layer in net.layers)
+    return dataclasses.replace(report, rows=tuple(rows), deltas_checked=True, layer_names=names)
+
+
+class _NetworkFns(NamedTuple):
+    """The functions :func:`check_network` runs, built once per (net, backward)."""
+
+    run_backward: Callable[..., Any]  # (params, x, y, key) -> (cache, Backward)
+    manual: Callable[..., Any]  # (params, x, y, key) -> (loss, grads) by the backward under test
+    reference: Callable[..., Any]  # (params, x, y, key) -> C, plain JAX
+    reference_errors: Callable[..., Any]  # (params, x, y, key) -> [error of layer i by jax.vjp]
+    reference_input_grad: Callable[..., Any]  # (params, x, y, key) -> ∂C/∂x by jax.grad
+
+
+@_memoized
+def _network_fns(net: Any, backward: Callable[..., Any]) -> _NetworkFns:
+    def run_backward(p: ArrayTree, xs: Array, ys: Array, key: Any) -> Any:
+        _, cache = net.forward(p, xs, key=key)
+        return cache, backward(p, cache, ys)
+
+    def manual(p: ArrayTree, xs: Array, ys: Array, key: Any) -> tuple[Array, ArrayTree]:
+        cache, bw = run_backward(p, xs, ys, key)
+        return jnp.mean(net._output_loss(cache, net._check_targets(ys, cache.out))), bw.grads
+
+    def reference(p: ArrayTree, xs: Array, ys: Array, key: Any) -> Array:
+        return net.loss(p, xs, ys, key=key)
+
+    def reference_errors(p: ArrayTree, xs: Array, ys: Array, key: Any) -> list[Array]:
+        return _reference_errors(net, p, xs, ys, key)
+
+    return _NetworkFns(
+        run_backward, manual, reference, reference_errors, jax.grad(reference, argnums=1)
+    )
+
+
+def _reference_errors(net: Any, params: ArrayTree, x: Array, y: Array, key: Any) -> list[Array]:
+    """Each layer's per-example error by ``jax.vjp`` of the layers' forwards above it.
+
+    For a layer with a weighted input the error is at ``z`` (its cache's ``z``; its output is
+    ``activation.forward(z)``), else at the layer's output. Uses only forward functions and the
+    loss value (from the last layer's ``z`` for a fused output pair, as the network computes it).
+    """
+    layers, n = net.layers, len(net.layers)
+    keys = split_key(key, n)
+    h, outs, layer_caches = net._check_inputs(params, x), [], []
+    for layer, layer_params, layer_key in zip(layers, params, keys, strict=True):
+        h, layer_cache = layer_forward(layer, layer_params, h, layer_key)
+        outs.append(h)
+        layer_caches.append(layer_cache)
+    out = outs[-1]
+    cache = SerialCache(layer_caches, out)
+    targets = net._check_targets(y, out)
+    fused = net.fused is not None
+
+    def loss_at(last_z: Array | None, out: Array) -> Array:
+        caches = list(cache.layers)
+        if fused:
+            caches[-1] = caches[-1]._replace(z=last_z)
+        return net._output_loss(cache._replace(layers=caches, out=out), targets)
+
+    def above(i: int, h: Array) -> Array:
+        last_cache = None
+        for j in range(i + 1, n):
+            h, last_cache = layer_forward(layers[j], params[j], h, keys[j])
+        return loss_at(last_cache.z if fused and last_cache is not None else None, h)
+
+    def from_z(i: int, z: Array) -> Array:
+        a = layers[i].activation.forward(z)
+        return loss_at(z, a) if i == n - 1 else above(i, a)
+
+    errors = []
+    for i, layer in enumerate(layers):
+        if hasattr(layer, "backward_delta"):
+            losses, pullback = jax.vjp(lambda z, i=i: from_z(i, z), cache.layers[i].z)
+        else:
+            losses, pullback = jax.vjp(lambda h, i=i: above(i, h), outs[i])
+        errors.append(pullback(jnp.ones_like(losses))[0])
+    return errors

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 import bpjax as bp
+from bpjax.layers import Dense
 
 # -- a small function with a hand-written gradient ------------------------------------------------
 
@@ -368,3 +369,98 @@ def test_taylor_catches_a_wrong_gradient_next_to_a_relu_kink(x64):
     report = bp.check_grads(wrong, net.loss, params, x, y, jit=False, references=("taylor",))
     assert not report.ok
     assert all(row.order is not None and row.order < 1.2 for row in report.failures)
+
+
+# -- check_network: δ localisation for any serial network ------------------------------------
+
+
+def _scale_layer(grad_factor=1.0, dx_factor=1.0):
+    """A user's layer y = x ∘ s, its backward optionally broken by a factor."""
+
+    def forward(params, x):
+        return x * params["s"], x
+
+    def backward(params, x, dy):
+        return {"s": grad_factor * jnp.sum(dy * x, axis=0)}, dx_factor * dy * params["s"]
+
+    def init(key, shape, dtype):
+        return {"s": 1 + 0.1 * jax.random.normal(key, shape, dtype)}, shape
+
+    return bp.layers.Layer(init, forward, backward)
+
+
+_SCALE_OK = _scale_layer()
+_SCALE_BAD_DX = _scale_layer(dx_factor=1.001)
+_SCALE_BAD_GRAD = _scale_layer(grad_factor=1.001)
+
+
+def _scale_net(scale):
+    return bp.serial(
+        Dense(6, "tanh"), scale, Dense(5, "elu"), Dense(3, "softmax"), loss="cross_entropy",
+        input_shape=(4,),
+    )  # fmt: skip
+
+
+def _scale_data(net):
+    params = net.init(jax.random.key(0), jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (6, 4), jnp.float64)
+    y = jax.random.randint(jax.random.key(2), (6,), 0, 3)
+    return params, x, y
+
+
+def test_check_network_passes_a_right_serial_network(x64):
+    net = _scale_net(_SCALE_OK)
+    report = bp.check_network(net, *_scale_data(net))
+    assert report.ok, str(report)
+    assert report.deltas_checked
+    assert report.layer_names == ("Dense", "Layer", "Dense", "Dense")
+    paths = {row.path for row in report.rows}
+    assert {"δ^4 (deltas[3])", "δ^2 (deltas[1])", "δ^1 (deltas[0])", "input_grad"} <= paths
+    assert "[1]['s']" in paths
+    # check_mlp hands a serial network on
+    assert bp.check_mlp(net, *_scale_data(net)).layer_names == report.layer_names
+
+
+def test_check_network_names_the_layer_whose_dx_is_wrong(x64):
+    net = _scale_net(_SCALE_BAD_DX)
+    report = bp.check_network(net, *_scale_data(net))
+    assert not report.ok
+    # the error the Scale layer received is right; the one it handed down is not
+    assert report.first_bad_layer == 1
+    failing = set(report.failing_paths)
+    assert "δ^1 (deltas[0])" in failing and "δ^2 (deltas[1])" not in failing
+    assert "the backward of layer 2 (Layer) (its dx)" in report.summary()
+
+
+def test_check_network_names_a_wrong_params_gradient(x64):
+    net = _scale_net(_SCALE_BAD_GRAD)
+    report = bp.check_network(net, *_scale_data(net))
+    assert not report.ok and report.first_bad_layer == 2
+    assert set(report.failing_paths) == {"[1]['s']"}
+    assert "params gradient of layer 2 (Layer) is wrong" in report.summary()
+
+
+def test_check_network_on_sequence_outputs_and_a_training_key(x64):
+    def noisy(params, x, *, key=None):
+        del params
+        scale = jnp.ones_like(x) if key is None else 1 + 0.2 * jax.random.normal(key, x.shape)
+        return x * scale, scale
+
+    noise = bp.layers.Layer(lambda key, shape, dtype: ({}, shape), noisy,
+                            lambda params, scale, dy: ({}, dy * scale), needs_key=True)  # fmt: skip
+    net = bp.serial(Dense(5, "tanh"), noise, Dense(3, "softmax"), loss="cross_entropy",
+                    input_shape=(4, 2))  # fmt: skip
+    params = net.init(jax.random.key(0), jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (3, 4, 2), jnp.float64)
+    y = jax.random.randint(jax.random.key(2), (3, 4), 0, 3)
+    report = bp.check_network(net, params, x, y, key=jax.random.key(7), jit=False)
+    assert report.ok, str(report)
+
+
+def test_check_network_bad_input():
+    with pytest.raises(TypeError, match="net: expected a bpjax network"):
+        bp.check_network(object(), [], jnp.ones((1, 1)), jnp.zeros(1, int))
+    net = bp.MLP((2, 2), ("softmax",), "cross_entropy")
+    with pytest.raises(TypeError, match="key: an MLP draws no randomness"):
+        bp.check_network(net, net.init(jax.random.key(0)), jnp.ones((1, 2)), jnp.zeros(1, int),
+                         key=jax.random.key(0))  # fmt: skip
