@@ -26,10 +26,22 @@ without params). Optional parts of the contract:
 
 from bpjax.layers._core import Layer, backprop
 from bpjax.layers._dense import Dense, DenseCache
+from bpjax.layers._dropout import Dropout, DropoutCache
+from bpjax.layers._embedding import Embedding, EmbeddingCache
+from bpjax.layers._norm import LayerNorm, LayerNormCache
+from bpjax.layers._residual import Residual, ResidualCache
 
 __all__ = [
     "Dense",
     "DenseCache",
+    "Dropout",
+    "DropoutCache",
+    "Embedding",
+    "EmbeddingCache",
     "Layer",
+    "LayerNorm",
+    "LayerNormCache",
+    "Residual",
+    "ResidualCache",
     "backprop",
 ]

@@ -1,0 +1,126 @@
+"""The lookup table :class:`Embedding`: ``y = W[x]`` for integer token indices ``x``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from bpjax._types import Array, PRNGKey
+
+__all__ = ["Embedding", "EmbeddingCache"]
+
+
+class EmbeddingCache(NamedTuple):
+    """What :meth:`Embedding.forward` keeps for the backward pass."""
+
+    x: Array  # (batch, ...) integer: the token indices looked up
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedding:
+    """A lookup table: token ``x`` (an integer in ``[0, vocab_size)``) maps to row ``W[x]``.
+
+    ``W`` has shape ``(vocab_size, features)``; an input of indices of shape ``(batch, ...)``
+    gives an output of shape ``(batch, ..., features)``,
+
+        y[n, …] = W[x[n, …]],      ∂C/∂W_v = Σ_{(n, …) : x[n, …] = v} dy[n, …],
+
+    the gradient of row ``v`` being the sum of the output errors of every position that looked it
+    up: a scatter-add of the rows of ``dy`` into the indices. The input is discrete, so there is
+    no ``∂C/∂x``: the backward pass returns ``dx = None`` (``integer_input``).
+
+    ``W`` is initialised ``N(0, 1)`` (PyTorch's default): every feature of an embedding has unit
+    variance, the input scale the next layer's Glorot or He initialisation assumes.
+
+    Indices follow JAX's gather, made consistent in both passes: a negative index counts from the
+    end as in NumPy (``-1`` is the last row), and an index still outside ``[0, vocab_size)`` is
+    clamped to the nearest row (JAX clamps out-of-bounds gathers; it cannot raise inside ``jit``).
+    The backward pass adds each ``dy`` row into the row the forward pass actually read (a
+    clamping scatter), so the gradient is the true one even there, where ``jax.grad`` of a plain
+    ``W[x]`` drops the out-of-range rows. Keep indices in range: clamping hides the bug.
+
+    Args:
+      vocab_size: the number of rows (tokens) of the table.
+      features: the size of each embedding vector.
+
+    Raises:
+      ValueError: ``vocab_size`` or ``features`` not a positive integer.
+      TypeError: (at trace time) an input that is not of an integer dtype.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> layer = Embedding(10, 3)
+      >>> params, out_shape = layer.init(jax.random.key(0), (5,))
+      >>> x = jnp.array([[1, 2, 2, 0, 9]])
+      >>> y, cache = layer.forward(params, x)
+      >>> grads, dx = layer.backward(params, cache, jnp.ones((1, 5, 3)))
+      >>> out_shape, y.shape, grads["W"][:3, 0].tolist(), dx
+      ((5, 3), (1, 5, 3), [1.0, 1.0, 2.0], None)
+    """
+
+    vocab_size: int
+    features: int
+    integer_input: ClassVar[bool] = True
+    """The layer takes integer inputs (token indices); its backward returns ``dx = None``."""
+
+    def __post_init__(self) -> None:
+        _positive_int("vocab_size", self.vocab_size)
+        _positive_int("features", self.features)
+
+    def init(
+        self, key: PRNGKey, in_shape: tuple[int, ...], dtype: Any = jnp.float32
+    ) -> tuple[dict[str, Array], tuple[int, ...]]:
+        """``W ~ N(0, 1)``, shape ``(vocab_size, features)``.
+
+        Args:
+          key: a PRNG key.
+          in_shape: the index shape of one example: ``()`` for one token, ``(T,)`` for a
+            sequence of ``T``, any shape.
+          dtype: the floating dtype of ``W``.
+
+        Returns:
+          ``({"W": (vocab_size, features)}, (*in_shape, features))``.
+        """
+        params = {"W": jax.random.normal(key, (self.vocab_size, self.features), dtype)}
+        return params, (*tuple(in_shape), self.features)
+
+    def forward(self, params: dict[str, Array], x: Array) -> tuple[Array, EmbeddingCache]:
+        """``y = W[x]``, shape ``(batch, ..., features)``, and the cache ``x``.
+
+        Raises:
+          TypeError: ``x`` is not of an integer dtype.
+        """
+        x_dtype = jnp.result_type(x)
+        if not jnp.issubdtype(x_dtype, jnp.integer):
+            raise TypeError(
+                f"x: Embedding looks up integer token indices, got dtype {x_dtype}; pass "
+                "indices in [0, vocab_size) as integers (x.astype(jnp.int32))."
+            )
+        x = jnp.asarray(x)
+        y = params["W"].at[x].get(mode="clip")  # y = W[x]: negative from the end, then clamped
+        return y, EmbeddingCache(x)
+
+    def backward(
+        self, params: dict[str, Array], cache: EmbeddingCache, dy: Array
+    ) -> tuple[dict[str, Array], None]:
+        """``∂C/∂W = `` the scatter-add of the rows of ``dy`` into the indices; ``dx = None``.
+
+        Args:
+          params: as from :meth:`init`.
+          cache: from :meth:`forward`.
+          dy: ``∂C/∂y``, shape ``(batch, ..., features)``.
+
+        Returns:
+          ``({"W": (vocab_size, features)}, None)``.
+        """
+        W = params["W"]
+        dW = jnp.zeros_like(W).at[cache.x].add(dy, mode="clip")  # Σ_{x=v} dy
+        return {"W": dW}, None
