@@ -17,8 +17,8 @@ def test_python_examples_run_in_order():
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
-    assert isinstance(namespace["net"], bp.Serial)  # the last example: the serial network
-    assert namespace["report"].ok
+    assert isinstance(namespace["cnn"], bp.Serial) and isinstance(namespace["rnn"], bp.Serial)
+    assert namespace["report"].ok and namespace["report"].layer_names[0] == "Conv2D"
     assert isinstance(namespace["bw"], bp.Backward)
     assert namespace["report"].first_bad_layer is None
 

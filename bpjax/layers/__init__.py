@@ -24,23 +24,32 @@ without params). Optional parts of the contract:
 :func:`bpjax.serial` over any layers.
 """
 
+from bpjax.layers._conv import Conv2D, Conv2DCache
 from bpjax.layers._core import Layer, backprop
 from bpjax.layers._dense import Dense, DenseCache
 from bpjax.layers._dropout import Dropout, DropoutCache
 from bpjax.layers._embedding import Embedding, EmbeddingCache
 from bpjax.layers._norm import LayerNorm, LayerNormCache
+from bpjax.layers._pool import AvgPool2D, MaxPool2D, PoolCache
+from bpjax.layers._reshape import Flatten
 from bpjax.layers._residual import Residual, ResidualCache
 
 __all__ = [
+    "AvgPool2D",
+    "Conv2D",
+    "Conv2DCache",
     "Dense",
     "DenseCache",
     "Dropout",
     "DropoutCache",
     "Embedding",
     "EmbeddingCache",
+    "Flatten",
     "Layer",
     "LayerNorm",
     "LayerNormCache",
+    "MaxPool2D",
+    "PoolCache",
     "Residual",
     "ResidualCache",
     "backprop",

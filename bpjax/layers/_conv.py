@@ -1,0 +1,365 @@
+"""The 2-D convolution :class:`Conv2D` (NHWC), its backward written as two more convolutions.
+
+Shared with the pooling layers: the normalisation of ``kernel_size``/``strides``/``padding``
+arguments, their resolution to explicit pads, and the pads of the transposed (backward) window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bpjax import activations as _act
+from bpjax._types import Array, PRNGKey
+from bpjax.layers._dense import _INIT_SCALING
+
+__all__ = ["Conv2D", "Conv2DCache"]
+
+Pads = tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
+Padding = str | Pads  # "SAME", "VALID" or explicit pads
+
+_NHWC_HWIO = ("NHWC", "HWIO", "NHWC")  # the forward: images NHWC, kernel (kh, kw, C_in, C_out)
+# dx: the flipped kernel read with its in/out axes swapped (HWOI), so no transpose is copied
+_NHWC_HWOI = ("NHWC", "HWOI", "NHWC")
+# dW: channels of x as the convolution's batch, the batch as its contracted feature axis, δ as the
+# kernel (n → input feature, its channels → output feature); the output comes out as HWIO
+_CHWN_IHWO = ("CHWN", "IHWO", "HWNC")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _pair(name: str, value: Any, *, minimum: int = 1) -> tuple[int, int]:
+    """An int or a pair of ints ``>= minimum`` as ``(along H, along W)``."""
+    if _is_int(value):
+        value = (value, value)
+    if (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) == 2
+        and all(_is_int(v) and v >= minimum for v in value)
+    ):
+        return int(value[0]), int(value[1])
+    raise ValueError(
+        f"{name}: expected an integer >= {minimum} or a pair of them (along H, along W), "
+        f"got {value!r}."
+    )
+
+
+def _padding(value: Any) -> Padding:
+    """``"SAME"``/``"VALID"`` (any case), ``p``, ``(ph, pw)``, ``((top, bot), (left, right))``."""
+    if isinstance(value, str):
+        if value.upper() in ("SAME", "VALID"):
+            return value.upper()
+    elif _is_int(value) and value >= 0:
+        return ((value, value), (value, value))
+    elif isinstance(value, Sequence) and len(value) == 2:
+        if all(_is_int(v) and v >= 0 for v in value):
+            return ((value[0], value[0]), (value[1], value[1]))
+        if all(
+            isinstance(v, Sequence) and len(v) == 2 and all(_is_int(p) and p >= 0 for p in v)
+            for v in value
+        ):
+            (t, b), (l, r) = value
+            return ((int(t), int(b)), (int(l), int(r)))
+    raise ValueError(
+        f"padding: expected 'SAME', 'VALID', a non-negative integer p, a pair (ph, pw) or "
+        f"((top, bottom), (left, right)), got {value!r}."
+    )
+
+
+def _resolve_pads(
+    spatial: tuple[int, int], window: tuple[int, int], strides: tuple[int, int], padding: Padding
+) -> Pads:
+    """Explicit pads: ``"SAME"``/``"VALID"`` through :func:`jax.lax.padtype_to_pads`."""
+    if isinstance(padding, str):
+        (t, b), (l, r) = lax.padtype_to_pads(spatial, window, strides, padding)
+        return ((int(t), int(b)), (int(l), int(r)))
+    return padding
+
+
+def _out_size(size: int, pads: tuple[int, int], window: int, stride: int) -> int:
+    """``⌊(size + pads − window) / stride⌋ + 1`` output positions along one axis (< 1: none)."""
+    return (size + pads[0] + pads[1] - window) // stride + 1
+
+
+def _out_spatial(
+    what: str,
+    in_shape: tuple[int, ...],
+    window: tuple[int, int],
+    strides: tuple[int, int],
+    padding: Padding,
+    *,
+    arg: str = "in_shape",
+) -> tuple[Pads, tuple[int, int]]:
+    """The explicit pads and output ``(H_out, W_out)`` of a window over an ``(H, W, C)`` input."""
+    if len(in_shape) != 3:
+        raise ValueError(
+            f"{arg}: {what} takes NHWC inputs, (batch, H, W, C); expected an example shape "
+            f"(H, W, C), got {tuple(in_shape)}. Add a channel axis of size 1 to single-channel "
+            "images."
+        )
+    spatial = (int(in_shape[0]), int(in_shape[1]))
+    pads = _resolve_pads(spatial, window, strides, padding)
+    out = tuple(_out_size(*a) for a in zip(spatial, pads, window, strides, strict=True))
+    if min(out) < 1:
+        raise ValueError(
+            f"{arg}: the {window[0]}×{window[1]} window of {what} does not fit the "
+            f"{spatial[0]}×{spatial[1]} input with pads {pads}; use a smaller window, more "
+            "padding or padding='SAME'."
+        )
+    return pads, (out[0], out[1])
+
+
+def _transposed_pads(size: int, pads: tuple[int, int], window: int, stride: int) -> tuple[int, int]:
+    """Pads of the transposed window that maps ``∂C/∂y`` (dilated by ``stride``) back onto ``x``.
+
+    ``y[p] = Σ_i x_pad[s p + i] w[i]`` so ``∂C/∂x[h] = Σ_i d[h + lo' − (k−1) + i'] w[k−1−i']``
+    over the dilated ``d[s p] = ∂C/∂y[p]`` (zeros between): a stride-1 correlation with the flipped
+    window, ``d`` padded by ``(k − 1 − lo, k − 1 − hi + r)`` where
+    ``r = (size + lo + hi − k) mod s`` counts the rows the forward's stride never reached (they
+    get zero gradient). Pads may be negative: then they crop.
+    """
+    lo, hi = pads
+    rest = (size + lo + hi - window) % stride
+    return window - 1 - lo, window - 1 - hi + rest
+
+
+def _dodge_group_dim(
+    pads: tuple[int, int], window: int, stride: int
+) -> tuple[tuple[int, int], int]:
+    """Transposed pads that XLA compiles safely, and how many cells to crop from each end.
+
+    XLA's convolution operand swap (in its algebraic simplifier, as of jax 0.10) reads a spatial
+    axis with window 2, base (lhs) dilation 2, stride 1 and no padding as a "group" axis and
+    leaves it unswapped while it swaps the others (it swaps when the kernel is larger than the
+    input on the other axes, e.g. ``k_w > W_out``); the process then aborts on the invalid
+    convolution (``Window dimensions do not match RHS shape``). ``jax.vjp`` of the same forward
+    hits it too (forward kernel 2, stride 2, pads ``(1, 1)`` on an even-sized axis). On exactly
+    that axis this pads one more cell at each end, which the caller crops from ``dx``: the same
+    values, a convolution two cells longer.
+    """
+    if window == 2 and stride == 2 and pads == (0, 0):
+        return (1, 1), 1
+    return pads, 0
+
+
+class Conv2DCache(NamedTuple):
+    """What :meth:`Conv2D.forward` keeps for the backward pass."""
+
+    x: Array  # (batch, H, W, C_in): the layer's input a^{l-1}
+    z: Array  # (batch, H_out, W_out, features): the weighted input z^l
+    a: Array  # (batch, H_out, W_out, features): the activation a^l = f(z^l)
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv2D:
+    """A 2-D convolution over NHWC images, ``z = x ⋆ W + b``, ``a = f(z)``; ``W`` is HWIO.
+
+    With inputs ``x`` of shape ``(batch, H, W, C_in)`` zero-padded to ``x_pad`` by
+    ``((top, bottom), (left, right))``, strides ``(s_h, s_w)`` and a kernel ``W`` of shape
+    ``(k_h, k_w, C_in, features)``, the forward is the correlation (as
+    :func:`jax.lax.conv_general_dilated` computes it)::
+
+        z[n, p, q, o] = Σ_{i, j, c} x_pad[n, s_h p + i, s_w q + j, c] W[i, j, c, o] + b[o]
+        a = f(z)                                 shape (batch, H_out, W_out, features)
+
+    with ``H_out = ⌊(H + top + bottom − k_h) / s_h⌋ + 1`` (``W_out`` alike). The backward, from
+    ``δ = ∂C/∂z = J_f(z)ᵀ ∂C/∂a``, is two more convolutions and a sum, never autodiff:
+
+    - ``∂C/∂x`` is the transposed convolution: ``δ`` dilated by the strides (``s − 1`` zeros
+      between its rows and columns, ``lhs_dilation``), correlated at stride 1 with the spatially
+      flipped kernel whose in/out channel axes are swapped, ``W[k_h−1−i, k_w−1−j, o, c]``, under
+      pads ``(k − 1 − top, k − 1 − bottom + r)`` per axis. ``r = (H + top + bottom − k_h) mod s_h``
+      counts the last input rows no window reached; they get zero gradient. A pad larger than
+      ``k − 1`` makes these pads negative, which crops.
+    - ``∂C/∂W[i, j, c, o] = Σ_{n, p, q} x_pad[n, s_h p + i, s_w q + j, c] δ[n, p, q, o]``: the
+      correlation of ``x`` with ``δ`` dilated by the strides (``rhs_dilation``), the batch as the
+      contracted axis and ``C_in`` as the convolution's batch, so the result comes out HWIO.
+    - ``∂C/∂b[o] = Σ_{n, p, q} δ[n, p, q, o]``.
+
+    As for :class:`~bpjax.layers.Dense`, the sums run over the batch: the ``1/B`` of a batch mean
+    is already in the ``∂C/∂a`` that arrives. ``"SAME"``/``"VALID"`` resolve to explicit pads by
+    :func:`jax.lax.padtype_to_pads` from the input's shape, at init and at trace time.
+
+    Args:
+      features: the number of output channels.
+      kernel_size: ``k`` or ``(k_h, k_w)``.
+      strides: ``s`` or ``(s_h, s_w)``.
+      padding: ``"SAME"``, ``"VALID"``, ``p`` (all sides), ``(p_h, p_w)`` or
+        ``((top, bottom), (left, right))``.
+      activation: a name from :data:`bpjax.ACTIVATIONS` or a :class:`bpjax.Activation`, applied
+        elementwise (softmax: over the channel axis).
+      precision: the ``precision`` of every :func:`jax.lax.conv_general_dilated` call (``None``:
+        JAX's default for the dtype and platform).
+
+    Raises:
+      ValueError: a bad ``features``, ``kernel_size``, ``strides``, ``padding`` or activation.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> layer = Conv2D(4, 3, padding="SAME", activation="relu")
+      >>> params, out_shape = layer.init(jax.random.key(0), (8, 8, 1))
+      >>> y, cache = layer.forward(params, jnp.ones((2, 8, 8, 1)))
+      >>> grads, dx = layer.backward(params, cache, jnp.ones_like(y))
+      >>> out_shape, grads["W"].shape, grads["b"].shape, dx.shape
+      ((8, 8, 4), (3, 3, 1, 4), (4,), (2, 8, 8, 1))
+    """
+
+    features: int
+    kernel_size: int | tuple[int, int]
+    strides: int | tuple[int, int] = 1
+    padding: Any = "VALID"
+    _: dataclasses.KW_ONLY
+    activation: _act.Activation = _act.identity
+    precision: Any = None
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.features) or self.features < 1:
+            raise ValueError(f"features: expected a positive integer, got {self.features!r}.")
+        object.__setattr__(self, "kernel_size", _pair("kernel_size", self.kernel_size))
+        object.__setattr__(self, "strides", _pair("strides", self.strides))
+        object.__setattr__(self, "padding", _padding(self.padding))
+        act = _act.get_activation(self.activation)
+        if act.init not in _INIT_SCALING:
+            raise ValueError(
+                f"activation: {act.name!r} has init={act.init!r}; expected one of "
+                f"{', '.join(sorted(_INIT_SCALING))}."
+            )
+        object.__setattr__(self, "activation", act)
+
+    @property
+    def _window(self) -> tuple[int, int]:
+        return self.kernel_size  # type: ignore[return-value]  # a pair after __post_init__
+
+    @property
+    def _strides(self) -> tuple[int, int]:
+        return self.strides  # type: ignore[return-value]  # a pair after __post_init__
+
+    def _pads(self, x_shape: tuple[int, ...]) -> Pads:
+        return _resolve_pads((x_shape[1], x_shape[2]), self._window, self._strides, self.padding)
+
+    def init(
+        self, key: PRNGKey, in_shape: tuple[int, ...], dtype: Any = jnp.float32
+    ) -> tuple[dict[str, Array], tuple[int, ...]]:
+        """``W`` truncated normal (Glorot, or He for the ReLU family), ``b = 0``.
+
+        The fans count the receptive field: ``fan_in = k_h k_w C_in``,
+        ``fan_out = k_h k_w features``.
+
+        Args:
+          key: a PRNG key.
+          in_shape: one example's shape ``(H, W, C_in)``.
+          dtype: the params' dtype.
+
+        Returns:
+          ``({"W": (k_h, k_w, C_in, features), "b": (features,)}, (H_out, W_out, features))``.
+
+        Raises:
+          ValueError: ``in_shape`` is not ``(H, W, C)`` or the kernel does not fit it.
+        """
+        _, (h_out, w_out) = _out_spatial(
+            "Conv2D", in_shape, self._window, self._strides, self.padding
+        )
+        initializer = jax.nn.initializers.variance_scaling(
+            *_INIT_SCALING[self.activation.init], "truncated_normal", in_axis=-2, out_axis=-1
+        )
+        params = {
+            "W": initializer(key, (*self._window, int(in_shape[2]), self.features), dtype),
+            "b": jnp.zeros((self.features,), dtype),
+        }
+        return params, (h_out, w_out, self.features)
+
+    def forward(self, params: dict[str, Array], x: Array) -> tuple[Array, Conv2DCache]:
+        """``a = f(x ⋆ W + b)``, shape ``(batch, H_out, W_out, features)``, and the cache."""
+        self._check_input(params, x)
+        z = (
+            lax.conv_general_dilated(
+                x,
+                params["W"],
+                self._strides,
+                self._pads(x.shape),
+                dimension_numbers=_NHWC_HWIO,
+                precision=self.precision,
+            )
+            + params["b"]
+        )  # z = x_pad ⋆_s W + b
+        a = self.activation.forward(z)
+        return a, Conv2DCache(x, z, a)
+
+    def delta(self, cache: Conv2DCache, dy: Array) -> Array:
+        """``δ = J_f(z)ᵀ dy``, shape ``(batch, H_out, W_out, features)``: the error at ``z``."""
+        return self.activation.backward(cache.z, cache.a, dy)
+
+    def backward_delta(
+        self, params: dict[str, Array], cache: Conv2DCache, delta: Array
+    ) -> tuple[dict[str, Array], Array]:
+        """From ``δ``: ``∇W = x ⋆ δ`` (δ dilated), ``∇b = Σ δ``, ``dx = dilate(δ) ⋆ flip(W)ᵀ``.
+
+        Returns:
+          ``({"W": (k_h, k_w, C_in, features), "b": (features,)}, dx)``, ``dx`` of the input's
+          shape ``(batch, H, W, C_in)``.
+        """
+        x, w = cache.x, params["W"]
+        (kh, kw), (sh, sw) = self._window, self._strides
+        (top, bottom), (left, right) = self._pads(x.shape)
+        rest_h = (x.shape[1] + top + bottom - kh) % sh  # rows no window reached
+        rest_w = (x.shape[2] + left + right - kw) % sw
+        # ∂C/∂W[i,j,c,o] = Σ_{n,p,q} x_pad[n, s_h p + i, s_w q + j, c] δ[n,p,q,o]
+        grad_w = lax.conv_general_dilated(
+            x,
+            delta,
+            (1, 1),
+            ((top, bottom - rest_h), (left, right - rest_w)),
+            rhs_dilation=(sh, sw),
+            dimension_numbers=_CHWN_IHWO,
+            precision=self.precision,
+        )
+        # ∂C/∂b[o] = Σ_{n,p,q} δ[n,p,q,o]
+        grad_b = jnp.sum(delta, axis=(0, 1, 2))
+        # ∂C/∂x = dilate_s(δ) ⋆_1 W[::-1, ::-1] with in/out swapped, under the transposed pads
+        pads_h, crop_h = _dodge_group_dim(
+            _transposed_pads(x.shape[1], (top, bottom), kh, sh), kh, sh
+        )
+        pads_w, crop_w = _dodge_group_dim(
+            _transposed_pads(x.shape[2], (left, right), kw, sw), kw, sw
+        )
+        dx = lax.conv_general_dilated(
+            delta,
+            w[::-1, ::-1],
+            (1, 1),
+            (pads_h, pads_w),
+            lhs_dilation=(sh, sw),
+            dimension_numbers=_NHWC_HWOI,
+            precision=self.precision,
+        )
+        if crop_h or crop_w:
+            dx = dx[:, crop_h : crop_h + x.shape[1], crop_w : crop_w + x.shape[2]]
+        return {"W": grad_w, "b": grad_b}, dx
+
+    def backward(
+        self, params: dict[str, Array], cache: Conv2DCache, dy: Array
+    ) -> tuple[dict[str, Array], Array]:
+        """From ``dy = ∂C/∂a``: ``δ = J_fᵀ dy``, then :meth:`backward_delta`."""
+        return self.backward_delta(params, cache, self.delta(cache, dy))
+
+    def _check_input(self, params: dict[str, Array], x: Array) -> None:
+        """At trace time: ``x`` is ``(batch, H, W, C_in)`` with ``W``'s ``C_in``, and fits."""
+        w_shape = jnp.shape(params["W"])
+        if len(w_shape) != 4 or tuple(w_shape[:2]) != self._window:
+            raise ValueError(
+                f"params['W']: expected shape ({self._window[0]}, {self._window[1]}, C_in, "
+                f"{self.features}), got {w_shape}; build the params with Conv2D.init."
+            )
+        if jnp.ndim(x) != 4 or x.shape[3] != w_shape[2]:
+            raise ValueError(
+                f"x: Conv2D takes NHWC inputs (batch, H, W, {w_shape[2]}), got shape "
+                f"{jnp.shape(x)}."
+            )
+        _out_spatial("Conv2D", x.shape[1:], self._window, self._strides, self.padding, arg="x")
