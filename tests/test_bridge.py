@@ -194,3 +194,17 @@ def test_bad_input():
         jax.grad(bp.custom_vjp(net, loss=True), argnums=2)(params, x, probabilities)
     with pytest.raises(ValueError, match=r"x: expected shape \(batch, 4\)"):
         jax.grad(lambda p: jnp.sum(bp.custom_vjp(net)(p, x[:, :3])))(params)
+
+
+def test_integer_inputs_get_no_cotangent(x64):
+    """An Embedding network: the bridge differentiates the params only."""
+    net = bp.serial(
+        bp.layers.Embedding(11, 4), Dense(3, "softmax"), loss="cross_entropy", input_shape=(5,)
+    )
+    params = net.init(jax.random.key(0), jnp.float64)
+    tokens = jax.random.randint(jax.random.key(1), (6, 5), 0, 11)
+    labels = jax.random.randint(jax.random.key(2), (6, 5), 0, 3)
+    grads = jax.jit(jax.grad(bp.custom_vjp(net, loss=True)))(params, tokens, labels)
+    _assert_trees_close(grads, net.value_and_grad(params, tokens, labels)[1], rtol=1e-14)
+    out_grads = jax.grad(lambda p: jnp.sum(bp.custom_vjp(net)(p, tokens) ** 2))(params)
+    _assert_trees_close(out_grads, jax.grad(lambda p: jnp.sum(net(p, tokens) ** 2))(params))
