@@ -18,12 +18,10 @@ import jax.numpy as jnp
 from bpjax import losses as _losses
 from bpjax._types import Array, PRNGKey
 from bpjax.layers import Dense, backprop
-from bpjax.layers._core import layer_forward, split_key
+from bpjax.layers._core import check_layers, layer_forward, split_key
 from bpjax.mlp import Backward
 
 __all__ = ["Serial", "SerialCache", "serial"]
-
-_LAYER_METHODS = ("init", "forward", "backward")
 
 
 class SerialCache(NamedTuple):
@@ -271,13 +269,7 @@ def serial(
     """
     if not layers:
         raise ValueError("layers: expected at least one layer, got none.")
-    for i, layer in enumerate(layers):
-        missing = [m for m in _LAYER_METHODS if not callable(getattr(layer, m, None))]
-        if missing:
-            raise TypeError(
-                f"layers[{i}]: expected a layer with init, forward and backward, got "
-                f"{type(layer).__name__} without {', '.join(missing)}."
-            )
+    check_layers(layers)
     shape = tuple(input_shape)
     if not shape or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
         raise ValueError(f"input_shape: expected positive integers, got {input_shape!r}.")

@@ -45,6 +45,20 @@ class Layer(NamedTuple):
     """Whether the layer takes integer inputs (indices); its ``backward`` returns ``dx=None``."""
 
 
+_LAYER_METHODS = ("init", "forward", "backward")
+
+
+def check_layers(layers: Sequence[Any]) -> None:
+    """Raises ``TypeError`` naming the first of ``layers`` without init, forward, backward."""
+    for i, layer in enumerate(layers):
+        missing = [m for m in _LAYER_METHODS if not callable(getattr(layer, m, None))]
+        if missing:
+            raise TypeError(
+                f"layers[{i}]: expected a layer with init, forward and backward, got "
+                f"{type(layer).__name__} without {', '.join(missing)}."
+            )
+
+
 def layer_forward(layer: Any, params: Any, x: Array, key: PRNGKey | None) -> tuple[Array, Any]:
     """``layer.forward(params, x)``, handing ``key`` on to a layer that declares ``needs_key``."""
     if getattr(layer, "needs_key", False):

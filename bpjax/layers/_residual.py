@@ -10,11 +10,9 @@ import jax
 import jax.numpy as jnp
 
 from bpjax._types import Array, PRNGKey
-from bpjax.layers._core import backprop, layer_forward, split_key
+from bpjax.layers._core import backprop, check_layers, layer_forward, split_key
 
 __all__ = ["Residual", "ResidualCache"]
-
-_LAYER_METHODS = ("init", "forward", "backward")
 
 
 class ResidualCache(NamedTuple):
@@ -64,13 +62,7 @@ class Residual:
     def __init__(self, *layers: Any) -> None:
         if not layers:
             raise ValueError("layers: Residual expected at least one branch layer, got none.")
-        for i, layer in enumerate(layers):
-            missing = [m for m in _LAYER_METHODS if not callable(getattr(layer, m, None))]
-            if missing:
-                raise TypeError(
-                    f"layers[{i}]: expected a layer with init, forward and backward, got "
-                    f"{type(layer).__name__} without {', '.join(missing)}."
-                )
+        check_layers(layers)
         if getattr(layers[0], "integer_input", False):
             raise ValueError(
                 f"layers[0]: {type(layers[0]).__name__} takes integer inputs, but a Residual adds "
