@@ -1,5 +1,6 @@
 """bpjax: backpropagation written out by hand in JAX, and proven right against JAX autodiff."""
 
+from bpjax import extend as extend
 from bpjax import layers as layers
 from bpjax import rnn as rnn
 from bpjax.activations import ACTIVATIONS, Activation, get_activation
