@@ -732,6 +732,7 @@ def check_mlp(
     y: Array,
     *,
     backward: Callable[..., Any] | None = None,
+    order: int = 1,
     **kwargs: Any,
 ) -> GradCheckReport:
     """:func:`check_grads` for an :class:`~bpjax.MLP`, plus every layer's δ and ``∂C/∂x``.
@@ -754,11 +755,18 @@ def check_mlp(
       y: targets as ``net.loss`` takes them.
       backward: ``backward(params, cache, y) -> Backward`` to check instead of ``net.backward``
         (your own, or a deliberately broken copy).
+      order: ``2`` adds the second-order rows of :func:`bpjax.extend.check_curvature`: the
+        Hessian-vector product over the manual backward against ``jax.hessian`` of ``net.loss``,
+        and the exact GGN diagonal against ``(1/B) Σ_n J_nᵀ H_n J_n`` from ``jax.jacobian`` and
+        ``jax.hessian`` (``P × P`` matrices: for small networks).
       **kwargs: passed on to :func:`check_grads` (``rtol``, ``atol``, ``directions``, ``seed``,
         ``jit``, ``references``).
 
     Returns:
       A :class:`GradCheckReport` with ``deltas_checked=True``.
+
+    Raises:
+      ValueError: ``order`` is not 1 or 2.
 
     Example:
       >>> import jax, jax.numpy as jnp, bpjax as bp
@@ -769,7 +777,8 @@ def check_mlp(
       (True, None)
     """
     if not hasattr(net, "num_layers"):  # a serial network: its layers are not all Dense
-        return check_network(net, params, x, y, backward=backward, **kwargs)
+        return check_network(net, params, x, y, backward=backward, order=order, **kwargs)
+    _check_order(order)
     backward = net.backward if backward is None else backward
     wrap = _wrapper(kwargs.get("jit", True))
     fns = _mlp_fns(net, backward)
@@ -804,7 +813,29 @@ def check_mlp(
             atol=rtol * input_scale,
         )
     )
+    rows += _second_order_rows(order, net, params, x, y, rtol, kwargs)
     return dataclasses.replace(report, rows=tuple(rows), deltas_checked=True)
+
+
+def _check_order(order: Any) -> None:
+    if isinstance(order, bool) or order not in (1, 2):
+        raise ValueError(
+            f"order: expected 1 (gradients) or 2 (also hvp and the GGN diagonal), got {order!r}."
+        )
+
+
+def _second_order_rows(
+    order: int, net: Any, params: ArrayTree, x: Array, y: Array, rtol: float | None, kwargs: Any
+) -> list[CheckRow]:
+    """The rows of :func:`bpjax.extend.check_curvature` when ``order == 2``, else none."""
+    if order == 1:
+        return []
+    from bpjax.extend import check_curvature  # extend builds on this module
+
+    report = check_curvature(
+        net, params, x, y, rtol=rtol, seed=kwargs.get("seed", 0), jit=kwargs.get("jit", True)
+    )
+    return list(report.rows)
 
 
 class _MLPFns(NamedTuple):
@@ -864,6 +895,7 @@ def check_network(
     *,
     backward: Callable[..., Any] | None = None,
     key: Array | None = None,
+    order: int = 1,
     **kwargs: Any,
 ) -> GradCheckReport:
     """:func:`check_mlp` for any :func:`bpjax.serial` network: grads, each layer's error, ∂C/∂x.
@@ -884,6 +916,8 @@ def check_network(
       backward: ``backward(params, cache, y) -> Backward`` to check instead of ``net.backward``.
       key: the PRNG key of a training-mode forward (layers with ``needs_key``, such as Dropout);
         the manual and the reference passes draw the same randomness from it.
+      order: ``2`` adds the second-order rows (hvp and the GGN diagonal, as in
+        :func:`check_mlp`); for networks of Dense layers, which :mod:`bpjax.extend` covers.
       **kwargs: passed on to :func:`check_grads` (``rtol``, ``atol``, ``directions``, ``seed``,
         ``jit``, ``references``).
 
@@ -891,7 +925,9 @@ def check_network(
       A :class:`GradCheckReport` with ``deltas_checked=True`` and ``layer_names``.
 
     Raises:
-      TypeError: ``net`` is not a network, or an MLP is given a ``key``.
+      TypeError: ``net`` is not a network, an MLP is given a ``key``, or ``order=2`` for a
+        network with layers other than Dense.
+      ValueError: ``order`` is not 1 or 2.
 
     Example:
       >>> import jax, jax.numpy as jnp, bpjax as bp
@@ -906,12 +942,17 @@ def check_network(
     if hasattr(net, "num_layers"):
         if key is not None:
             raise TypeError("key: an MLP draws no randomness; call check_network without key.")
-        return check_mlp(net, params, x, y, backward=backward, **kwargs)
+        return check_mlp(net, params, x, y, backward=backward, order=order, **kwargs)
+    _check_order(order)
     if not all(hasattr(net, m) for m in ("layers", "forward", "backward", "loss")):
         raise TypeError(
             f"net: expected a bpjax network (bpjax.serial(...) or bpjax.MLP), got "
             f"{type(net).__name__}."
         )
+    if order == 2 and key is not None:
+        raise TypeError("key: order=2 checks networks of Dense layers, which draw no randomness.")
+    # first, so that a network order 2 does not cover fails before the first-order work
+    second_order = _second_order_rows(order, net, params, x, y, kwargs.get("rtol"), kwargs)
     backward = net.backward if backward is None else backward
     wrap = _wrapper(kwargs.get("jit", True))
     fns = _network_fns(net, backward)
@@ -948,6 +989,7 @@ def check_network(
                 atol=rtol * input_scale,
             )
         )
+    rows += second_order
     names = tuple(type(layer).__name__ for layer in net.layers)
     return dataclasses.replace(report, rows=tuple(rows), deltas_checked=True, layer_names=names)
 

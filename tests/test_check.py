@@ -464,3 +464,34 @@ def test_check_network_bad_input():
     with pytest.raises(TypeError, match="key: an MLP draws no randomness"):
         bp.check_network(net, net.init(jax.random.key(0)), jnp.ones((1, 2)), jnp.zeros(1, int),
                          key=jax.random.key(0))  # fmt: skip
+
+
+def test_order_2_adds_the_curvature_rows(x64):
+    net = bp.MLP((3, 5, 4), ("tanh", "softmax"), "cross_entropy")
+    params = net.init(jax.random.key(0), jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (6, 3), jnp.float64)
+    y = jax.random.randint(jax.random.key(2), (6,), 0, 4)
+    report = bp.check_mlp(net, params, x, y, order=2)
+    assert report.ok, str(report)
+    references = {row.reference for row in report.rows}
+    assert {"jax.hessian (hvp)", "jax.jacobian GGN (diag_ggn)"} <= references
+    first_order = bp.check_mlp(net, params, x, y)
+    assert len(report.rows) == len(first_order.rows) + 2 * len(jax.tree.leaves(params))
+    serial = bp.serial(*net.layers, loss="cross_entropy", input_shape=(3,))
+    serial_report = bp.check_network(serial, params, x, y, order=2)
+    assert serial_report.ok and len(serial_report.rows) == len(report.rows)
+
+
+def test_order_2_bad_input():
+    net = bp.MLP((2, 3), ("softmax",), "cross_entropy")
+    params, x, y = net.init(jax.random.key(0)), jnp.ones((2, 2)), jnp.array([0, 1])
+    for order in (0, 3, True, "2"):
+        with pytest.raises(ValueError, match=r"order: expected 1 .* or 2"):
+            bp.check_mlp(net, params, x, y, order=order)
+    cnn = bp.serial(bp.layers.Flatten(), Dense(3, "softmax"), loss="cross_entropy",
+                    input_shape=(2, 2))  # fmt: skip
+    with pytest.raises(TypeError, match=r"net: bpjax\.extend works on networks made only of"):
+        bp.check_network(cnn, cnn.init(jax.random.key(0)), jnp.ones((2, 2, 2)), y, order=2)
+    serial = bp.serial(Dense(3, "softmax"), loss="cross_entropy", input_shape=(2,))
+    with pytest.raises(TypeError, match="key: order=2"):
+        bp.check_network(serial, params, x, y, order=2, key=jax.random.key(0))
