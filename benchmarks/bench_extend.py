@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import itertools
 import json
 import math
@@ -55,7 +54,7 @@ from bpjax import extend as bx
 from bpjax._types import Array, Params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mlp import Case, Stats, machine_info, parse_case
+from bench_mlp import Case, Stats, machine_info, parse_case, time_interleaved
 
 DTYPE = jnp.float32
 CASES: dict[str, Case] = {
@@ -357,32 +356,6 @@ class Row(NamedTuple):
     note: str = ""
 
 
-def _block(out: Any) -> Any:
-    leaves = jax.tree.leaves(out)
-    if leaves and hasattr(leaves[0], "block_until_ready"):
-        return jax.block_until_ready(out)
-    return out  # torch computes eagerly on CPU
-
-
-def time_rounds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, np.ndarray]:
-    """Interleaved rounds, the order reversed every other round; the GC off while timing."""
-    names = list(fns)
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    gc.collect()
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for r in range(repeats):
-            for name in names if r % 2 == 0 else reversed(names):
-                start = time.perf_counter()
-                _block(fns[name]())
-                samples[name].append(time.perf_counter() - start)
-    finally:
-        if enabled:
-            gc.enable()
-    return {n: np.asarray(s) for n, s in samples.items()}
-
-
 def mismatch(got: Any, want: Any) -> float:
     """``max |got − want|`` over every leaf, relative to ``max |want|``."""
     diffs = [
@@ -433,11 +406,11 @@ def bench_case(
         once = {}
         outputs = {}
         for name, fn in fns.items():
-            outputs[name] = _block(fn())  # compile
+            outputs[name] = jax.block_until_ready(fn())  # compile
             if warm_runs:
                 start = time.perf_counter()
                 for _ in range(warm_runs):
-                    outputs[name] = _block(fn())
+                    outputs[name] = jax.block_until_ready(fn())
                 once[name] = (time.perf_counter() - start) / warm_runs
             else:
                 once[name] = math.nan
@@ -452,7 +425,7 @@ def bench_case(
         repeats = max(min_repeats, min(51, repeats)) | 1
         first = ", ".join(f"{n} {t * 1e3:.4g} ms" for n, t in once.items() if t == t)
         console.log(f"{case.name} {q}: {first or 'compiled'}; {repeats} rounds")
-        samples = time_rounds(fns, repeats)
+        samples = time_interleaved(fns, (), repeats=repeats)
         times = {n: Stats.of(s) for n, s in samples.items()}
         speedup = {n: Stats.of(samples[n] / samples["bpjax"]) for n in samples if n != "bpjax"}
         note = "vmap(grad) not run (--skip-vmap)" if q in skip_vmap else ""

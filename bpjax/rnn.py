@@ -116,6 +116,24 @@ def _previous(a: Array) -> Array:
     return jnp.concatenate([jnp.zeros_like(a[:, :1]), a[:, :-1]], axis=1)
 
 
+def _recurrent_grads(
+    delta: Array, x: Array, h: Array, w_in: Array
+) -> tuple[Array, Array, Array, Array]:
+    """A recurrent layer's gradients from its per-step δ, each one product over batch·T rows.
+
+    ``δ`` is ``(batch, T, m)`` (``m = hidden``, or ``4·hidden`` for the LSTM's gates), ``x`` the
+    input ``(batch, T, n_in)``, ``h`` the hidden states ``(batch, T, hidden)``. Returns
+    ``(Σ_t δ_tᵀ x_t, Σ_t δ_tᵀ h_{t−1}, Σ_{t,n} δ_{t,n}, δ W_in)``.
+    """
+    flat_delta = delta.reshape(-1, delta.shape[-1])  # (batch·T, m)
+    return (
+        _weight_grad(flat_delta, x.reshape(-1, x.shape[-1])),
+        _weight_grad(flat_delta, _previous(h).reshape(-1, h.shape[-1])),
+        jnp.sum(flat_delta, axis=0),
+        delta @ w_in,
+    )
+
+
 def _keep_mask(steps: int, truncate: int | None) -> np.ndarray | None:
     """``keep[t]``: does the recurrent error flow from step ``t`` into step ``t − 1`` (0-based)?
 
@@ -282,14 +300,8 @@ class Elman:
         ``dx = δ W_xh``: each one matrix product over all ``batch · T`` rows; ``dx`` has shape
         ``(batch, T, n_in)``.
         """
-        n_in, hidden = cache.x.shape[-1], self.hidden
-        flat_delta = delta.reshape(-1, hidden)  # (batch·T, hidden)
-        grads = {
-            "W_xh": _weight_grad(flat_delta, cache.x.reshape(-1, n_in)),
-            "W_hh": _weight_grad(flat_delta, _previous(cache.h).reshape(-1, hidden)),
-            "b": jnp.sum(flat_delta, axis=0),
-        }
-        return grads, delta @ params["W_xh"]
+        w_xh, w_hh, b, dx = _recurrent_grads(delta, cache.x, cache.h, params["W_xh"])
+        return {"W_xh": w_xh, "W_hh": w_hh, "b": b}, dx
 
     def backward(
         self, params: dict[str, Array], cache: ElmanCache, dy: Array
@@ -468,14 +480,8 @@ class LSTM:
         ``dx = δ W_x``: each one matrix product over all ``batch · T`` rows; ``dx`` has shape
         ``(batch, T, n_in)``.
         """
-        n_in, hidden = cache.x.shape[-1], self.hidden
-        flat_delta = delta.reshape(-1, 4 * hidden)  # (batch·T, 4·hidden)
-        grads = {
-            "W_x": _weight_grad(flat_delta, cache.x.reshape(-1, n_in)),
-            "W_h": _weight_grad(flat_delta, _previous(cache.h).reshape(-1, hidden)),
-            "b": jnp.sum(flat_delta, axis=0),
-        }
-        return grads, delta @ params["W_x"]
+        w_x, w_h, b, dx = _recurrent_grads(delta, cache.x, cache.h, params["W_x"])
+        return {"W_x": w_x, "W_h": w_h, "b": b}, dx
 
     def backward(
         self, params: dict[str, Array], cache: LSTMCache, dy: Array
