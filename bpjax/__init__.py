@@ -2,6 +2,7 @@
 
 from bpjax import extend as extend
 from bpjax import layers as layers
+from bpjax import parallel as parallel
 from bpjax import rnn as rnn
 from bpjax.activations import ACTIVATIONS, Activation, get_activation
 from bpjax.bridge import custom_vjp
