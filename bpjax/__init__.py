@@ -1,5 +1,6 @@
 """bpjax: backpropagation written out by hand in JAX, and proven right against JAX autodiff."""
 
+from bpjax import datasets as datasets
 from bpjax import extend as extend
 from bpjax import layers as layers
 from bpjax import parallel as parallel
@@ -17,10 +18,24 @@ from bpjax.check import (
     check_mlp,
     check_network,
 )
+from bpjax.datasets import Dataset, load_dataset, split_dataset
 from bpjax.layers import Dense, DenseCache, backprop
 from bpjax.losses import LOSSES, FusedOutput, Loss, fused_output, get_loss
 from bpjax.mlp import MLP, Backward, Cache
 from bpjax.network import Serial, SerialCache, serial
+from bpjax.train import (
+    OPTIMIZERS,
+    EvalRecord,
+    FitResult,
+    History,
+    Metrics,
+    TrainState,
+    evaluate,
+    fit,
+    get_optimizer,
+    gradient_fn,
+    make_train_step,
+)
 
 __version__ = "0.1.0"
 
@@ -29,27 +44,41 @@ __all__ = [
     "DEFAULT_RTOL",
     "LOSSES",
     "MLP",
+    "OPTIMIZERS",
     "REFERENCES",
     "Activation",
     "Backward",
     "Cache",
     "CheckRow",
+    "Dataset",
     "Dense",
     "DenseCache",
+    "EvalRecord",
+    "FitResult",
     "FusedOutput",
     "GradCheckReport",
     "GradientMismatchError",
+    "History",
     "Loss",
+    "Metrics",
     "Serial",
     "SerialCache",
+    "TrainState",
     "assert_grads_match",
     "backprop",
     "check_grads",
     "check_mlp",
     "check_network",
     "custom_vjp",
+    "evaluate",
+    "fit",
     "fused_output",
     "get_activation",
     "get_loss",
+    "get_optimizer",
+    "gradient_fn",
+    "load_dataset",
+    "make_train_step",
     "serial",
+    "split_dataset",
 ]

@@ -162,7 +162,7 @@ def test_python_dash_m():
     ("argv", "message"),
     [
         ([], "the following arguments are required: COMMAND"),
-        (["train"], "invalid choice: 'train'"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["check", "--sizes", "3"], "argument --sizes: expected at least two positive widths"),
         (["check", "--sizes", "3,x"], "argument --sizes: expected comma-separated layer widths"),
         (["check", "--sizes", "3,0,2"], "argument --sizes: expected at least two positive"),
