@@ -1,0 +1,189 @@
+"""The benchmark suite: its peers give jax.grad's gradient; a --quick run writes the report."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import bench_extend, peers, run
+from bpjax import MLP
+
+# (activations, loss): every hidden activation and output pair the peers implement
+NETS = [
+    (("tanh", "relu", "softmax"), "cross_entropy"),
+    (("sigmoid", "identity", "sigmoid"), "binary_cross_entropy"),
+    (("relu", "tanh", "identity"), "squared_error"),
+]
+SIZES, BATCH = (5, 7, 6, 3), 9
+
+
+@functools.cache
+def _problem(activations, loss, dtype):
+    """``(net, params, x, y, value, grads)``, jax.grad's; NumPy draws (no JAX op to compile)."""
+    net = MLP(SIZES, activations, loss)
+    rng = np.random.default_rng(0)
+    params = [
+        {
+            "W": jnp.asarray(rng.normal(size=(n_out, n_in)), dtype),
+            "b": jnp.asarray(rng.normal(size=n_out), dtype),
+        }
+        for n_in, n_out in itertools.pairwise(SIZES)
+    ]
+    x = jnp.asarray(rng.normal(size=(BATCH, SIZES[0])), dtype)
+    if loss == "cross_entropy":
+        y = jnp.asarray(rng.integers(0, SIZES[-1], BATCH), jnp.int32)
+    else:
+        y = jnp.asarray(rng.integers(0, 2, (BATCH, SIZES[-1])), dtype)
+    value, grads = jax.jit(jax.value_and_grad(net.loss))(params, x, y)
+    return net, params, x, y, value, grads
+
+
+def _assert_close(got_value, got_grads, value, grads, *, rtol):
+    np.testing.assert_allclose(got_value, value, rtol=rtol)
+    for layer, (got, want) in enumerate(zip(got_grads, grads, strict=True)):
+        for name in ("W", "b"):
+            scale = float(jnp.max(jnp.abs(want[name])))
+            np.testing.assert_allclose(
+                got[name], want[name], rtol=rtol, atol=rtol * scale, err_msg=f"layer {layer} {name}"
+            )
+
+
+@pytest.mark.parametrize(("activations", "loss"), NETS, ids=[loss for _, loss in NETS])
+def test_numpy_delta_recursion_is_jax_grad_float64(x64, activations, loss):
+    net, params, x, y, value, grads = _problem(activations, loss, jnp.float64)
+    got_value, got_grads = peers.numpy_value_and_grad(net)(
+        peers.to_numpy_params(params), np.asarray(x), np.asarray(y)
+    )
+    assert got_value.dtype == np.float64 and got_grads[0]["W"].dtype == np.float64
+    _assert_close(got_value, got_grads, value, grads, rtol=1e-12)
+
+
+def test_numpy_delta_recursion_keeps_float32():
+    net, params, x, y, value, grads = _problem(*NETS[0], jnp.float32)
+    got_value, got_grads = peers.numpy_value_and_grad(net)(
+        peers.to_numpy_params(params), np.asarray(x), np.asarray(y)
+    )
+    assert got_value.dtype == np.float32
+    assert all(g[k].dtype == np.float32 for g in got_grads for k in ("W", "b"))
+    _assert_close(got_value, got_grads, value, grads, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("activations", "loss"), NETS, ids=[loss for _, loss in NETS])
+def test_torch_eager_autograd_is_jax_grad_float64(x64, activations, loss):
+    pytest.importorskip("torch")
+    net, params, x, y, value, grads = _problem(activations, loss, jnp.float64)
+    step, to_torch = peers.torch_value_and_grad(net, params)
+    got_value, got_grads = step(*to_torch(x, y))
+    got = peers.torch_grads_to_numpy(got_grads)
+    assert got[0]["W"].dtype == np.float64
+    _assert_close(got_value.item(), got, value, grads, rtol=1e-12)
+
+
+def test_torch_status_says_what_is_there():
+    status = peers.torch_status()
+    try:
+        import torch
+    except ImportError:
+        assert status.startswith("not installed")
+    else:
+        assert status == f"torch {torch.__version__}"
+
+
+@pytest.mark.parametrize(
+    ("activations", "loss", "message"),
+    [
+        (("gelu", "softmax"), "cross_entropy", r"activations\[0\]='gelu'"),
+        (("tanh", "sigmoid"), "squared_error", "sigmoid \\+ squared_error"),
+    ],
+)
+def test_peers_reject_what_they_do_not_implement(activations, loss, message):
+    net = MLP((3, 4, 2), activations, loss)
+    with pytest.raises(ValueError, match=f"net: .*{message}"):
+        peers.numpy_value_and_grad(net)
+
+
+def _fake_parallel(tmp_path: Path, body: str) -> Path:
+    script = tmp_path / "bench_parallel.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "path = sys.argv[sys.argv.index('--json') + 1]\n"
+        "quick = '--quick' in sys.argv\n"
+        "flags = os.environ['XLA_FLAGS']\n" + body
+    )
+    return script
+
+
+def test_quick_suite_writes_json_markdown_and_plots(tmp_path, monkeypatch):
+    script = _fake_parallel(
+        tmp_path,
+        "json.dump({'markdown': f'| devices | {flags} | quick={quick} |'}, open(path, 'w'))\n",
+    )
+    monkeypatch.setattr(run, "PARALLEL_SCRIPT", script)
+    out = tmp_path / "results"
+    assert run.main(["--quick", "--out", str(out)]) == 0
+    stem = f"suite_{run.platform_name()}_quick"
+    payload = json.loads((out / f"{stem}.json").read_text())
+    markdown = (out / f"{stem}.md").read_text()
+    assert markdown == payload["markdown"]
+    assert {p.name for p in out.glob("*.png")} == {
+        f"{stem}_{name}.png" for name in ("mlp", "layers", "extend")
+    }
+    benchmarks = payload["benchmarks"]
+    assert list(benchmarks) == list(run.BENCHMARKS)
+
+    (mlp,) = benchmarks["mlp"]
+    expected = {*run.JAX_VARIANTS, run.NUMPY}
+    expected |= {run.TORCH} if peers.torch_status().startswith("torch ") else set()
+    assert set(mlp["libraries"]) == expected
+    assert all(0 <= diff < 1e-5 for diff in mlp["grad_mismatch_vs_jax"].values())
+    assert all(s["q1"] <= s["median"] <= s["q3"] for s in mlp["times_s"].values())
+    (layers,) = benchmarks["layers"]
+    assert layers["grad_mismatch"] < 1e-5
+    (extend,) = benchmarks["extend"]
+    assert [r["quantity"] for r in extend["rows"]] == list(run.QUICK.extend_quantities)
+    assert all(r["mismatch_vs_vmap"] < 1e-5 for r in extend["rows"])
+
+    assert benchmarks["parallel"]["status"] == "ok"
+    assert "| --xla_force_host_platform_device_count=8 | quick=True |" in markdown
+    for title in ("### MLP value_and_grad", "### CNN and RNN layers", "### Per-example"):
+        assert title in markdown
+
+
+def test_only_runs_the_named_benchmarks_and_says_when_parallel_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "PARALLEL_SCRIPT", tmp_path / "absent.py")
+    assert run.main(["--quick", "--only", "parallel", "--out", str(tmp_path)]) == 0
+    stem = f"suite_{run.platform_name()}_quick_parallel"
+    payload = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert list(payload["benchmarks"]) == ["parallel"]
+    assert payload["benchmarks"]["parallel"]["status"] == "missing"
+    assert "not run: absent.py is not there." in (tmp_path / f"{stem}.md").read_text()
+    assert not list(tmp_path.glob("*.png"))  # nothing to draw
+
+
+def test_a_failing_parallel_benchmark_is_reported_not_raised(tmp_path):
+    script = _fake_parallel(tmp_path, "print('boom', file=sys.stderr)\nsys.exit(3)\n")
+    result = run.run_parallel(run.QUICK, console=run.Console(file=sys.stderr), script=script)
+    assert result["status"] == "failed: exit status 3: boom"
+    assert result["markdown"] == result["status"]
+
+
+@pytest.mark.parametrize("argv", [["--only", "nothing"], ["--pause", "-1"]])
+def test_bad_options_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run.parse_args(argv)
+    assert exc.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_bench_extend_cli_keeps_working_and_takes_pause():
+    args = bench_extend.parse_args(["--sizes", "8,16,4@8", "--pause", "0.5"])
+    assert args.pause == 0.5 and args.sizes[0].sizes == (8, 16, 4)
+    assert bench_extend.parse_args([]).pause is None
