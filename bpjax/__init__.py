@@ -5,6 +5,7 @@ from bpjax import extend as extend
 from bpjax import layers as layers
 from bpjax import parallel as parallel
 from bpjax import rnn as rnn
+from bpjax import testing as testing  # imports neither hypothesis nor pytest
 from bpjax.activations import ACTIVATIONS, Activation, get_activation
 from bpjax.bridge import custom_vjp
 from bpjax.check import (

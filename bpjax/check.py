@@ -146,6 +146,7 @@ class CheckRow(NamedTuple):
     passed: bool
     order: float | None = None  # Taylor rows: the observed order of the remainder
     note: str = ""
+    allowed: float | None = None  # the largest max_abs_err that passes, where a check derives one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,12 +254,23 @@ class GradCheckReport:
             f"(the product with W^{layer + 1} or the derivative of f^{layer})"
         )
 
+    def _show_allowed(self) -> bool:
+        return any(row.allowed is not None for row in self.rows)
+
+    def _header(self) -> tuple[str, ...]:
+        """The table's columns; ``allowed`` beside ``max |Δ|`` when a row derives its own."""
+        if not self._show_allowed():
+            return self._HEADER
+        return (*self._HEADER[:3], "allowed", *self._HEADER[3:])
+
     def _table_rows(self) -> list[list[str]]:
+        allowed = self._show_allowed()
         return [
             [
                 row.path,
                 row.reference,
                 _fmt(row.max_abs_err),
+                *([] if not allowed else ["" if row.allowed is None else _fmt(row.allowed)]),
                 _fmt(row.rel_err),
                 "" if row.worst_index is None else str(row.worst_index),
                 "" if row.order is None else f"{row.order:.2f}",
@@ -271,19 +283,19 @@ class GradCheckReport:
     _HEADER = ("leaf", "reference", "max |Δ|", "rel err", "worst at", "order", "status", "note")
 
     def __str__(self) -> str:
-        body = self._table_rows()
+        body, header = self._table_rows(), self._header()
         widths = [
             max(len(h), *(len(r[i]) for r in body)) if body else len(h)
-            for i, h in enumerate(self._HEADER)
+            for i, h in enumerate(header)
         ]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [fmt.format(*self._HEADER).rstrip(), "  ".join("-" * w for w in widths)]
+        lines = [fmt.format(*header).rstrip(), "  ".join("-" * w for w in widths)]
         lines += [fmt.format(*r).rstrip() for r in body]
         lines.append(self.summary())
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in self._HEADER)
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self._header())
         body = []
         for row, cells in zip(self.rows, self._table_rows(), strict=True):
             style = "" if row.passed else ' style="background:#fdd"'
@@ -298,7 +310,7 @@ class GradCheckReport:
         """The report as a ``rich.table.Table`` (failures in red)."""
         from rich.table import Table
 
-        table = Table(*self._HEADER, title=self.summary())
+        table = Table(*self._header(), title=self.summary())
         for row, cells in zip(self.rows, self._table_rows(), strict=True):
             table.add_row(*cells, style=None if row.passed else "red")
         return table
