@@ -372,7 +372,8 @@ def render_markdown(payload: dict[str, Any]) -> str:
     if load:
         lines[-1] += (
             f" Load average (1 min) at the start and the end: {load[0]:.1f}, {load[1]:.1f}"
-            f"{'; other work was running, so the times are noisy' if max(load) > 1.5 else ''}."
+            # The end figure counts the suite's own threads; only the start tells of other work.
+            f"{'; other work was running, so the times are noisy' if load[0] > 1.5 else ''}."
         )
     if "mlp" in benchmarks:
         lines += ["", *_mlp_markdown(benchmarks["mlp"], payload["torch"])]
