@@ -114,7 +114,8 @@ class _Pass(NamedTuple):
 # -- the network, checked ------------------------------------------------------------------------
 
 
-def _check_net(net: Any) -> tuple[Dense, ...]:
+def _check_net(net: Any, *, purpose: str = "bpjax.extend works on") -> tuple[Dense, ...]:
+    """``net``'s layers, or a ``TypeError`` unless it is a network of Dense layers on vectors."""
     layers = getattr(net, "layers", None)
     objective = getattr(net, "objective", None)
     if (
@@ -135,7 +136,7 @@ def _check_net(net: Any) -> tuple[Dense, ...]:
         bad.append(f"input_shape is {input_shape}, not (n_0,)")
     if bad:
         raise TypeError(
-            "net: bpjax.extend works on networks made only of bpjax.layers.Dense layers on "
+            f"net: {purpose} networks made only of bpjax.layers.Dense layers on "
             "(batch, n_0) inputs; " + ", ".join(bad) + "."
         )
     return layers

@@ -237,18 +237,7 @@ def _check_dense_net(net: Any) -> tuple[Dense, ...]:
             f"net: tensor parallelism shards Dense layers: expected a bpjax.MLP or a bpjax.serial "
             f"network of bpjax.layers.Dense layers, got {type(net).__name__}."
         )
-    layers = net.layers
-    bad = [
-        f"layers[{i}] is {type(l).__name__}" for i, l in enumerate(layers) if type(l) is not Dense
-    ]
-    if isinstance(net, Serial) and len(net.input_shape) != 1:
-        bad.append(f"input_shape is {net.input_shape}, not (n_0,)")
-    if bad:
-        raise TypeError(
-            "net: tensor parallelism shards networks made only of bpjax.layers.Dense layers on "
-            "(batch, n_0) inputs; " + ", ".join(bad) + "."
-        )
-    return layers
+    return _extend._check_net(net, purpose="tensor parallelism shards")
 
 
 def _check_batch(x: Array, y: Array) -> int:

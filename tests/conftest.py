@@ -6,6 +6,10 @@ import jax
 import pytest
 from hypothesis import HealthCheck, settings
 
+# Scripts that tests run in subprocesses (their own devices, float64 for the whole process): pytest
+# must not import them, or --doctest-modules would apply their process-wide settings to the suite.
+collect_ignore = ["_parallel_worker.py", "_multihost_worker.py"]
+
 # Mixed-dtype arithmetic is an error in the tests: a silent promotion would hide a dtype bug.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 

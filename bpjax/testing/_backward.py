@@ -146,7 +146,8 @@ def _fns(
         cts = backward(residuals, c)
         return out, tuple(cts) if isinstance(cts, (tuple, list)) else (cts,)
 
-    def reference_vjp(primals: tuple[Any, ...], c: ArrayTree) -> tuple[Any, list[Array]]:
+    def of_float_leaves(primals: tuple[Any, ...]) -> tuple[Callable[..., Any], list[Array]]:
+        """``reference`` as a function of the checked float leaves alone, and those leaves."""
         leaves, treedef = jax.tree.flatten(primals)
 
         def f(float_leaves: list[Array]) -> Any:
@@ -155,20 +156,17 @@ def _fns(
                 full[i] = leaf
             return reference(*jax.tree.unflatten(treedef, full))
 
-        out, pullback = jax.vjp(f, [leaves[i] for i in where])
+        return f, [leaves[i] for i in where]
+
+    def reference_vjp(primals: tuple[Any, ...], c: ArrayTree) -> tuple[Any, list[Array]]:
+        f, float_leaves = of_float_leaves(primals)
+        out, pullback = jax.vjp(f, float_leaves)
         return out, pullback(c)[0]
 
     def shadow(primals: tuple[Any, ...], c: ArrayTree, u: list[Array]) -> tuple[Any, Any, Any]:
         """Both VJPs, and ``⟨c, J u⟩`` by forward mode: its gap to ``⟨Jᵀc, u⟩`` is roundoff."""
-        leaves, treedef = jax.tree.flatten(primals)
-
-        def f(float_leaves: list[Array]) -> Any:
-            full = list(leaves)
-            for i, leaf in zip(where, float_leaves, strict=True):
-                full[i] = leaf
-            return reference(*jax.tree.unflatten(treedef, full))
-
-        _, tangent = jax.jvp(f, ([leaves[i] for i in where],), (u,))
+        f, float_leaves = of_float_leaves(primals)
+        _, tangent = jax.jvp(f, (float_leaves,), (u,))
         terms = jax.tree.map(lambda t, ci: jnp.sum(t * ci.astype(t.dtype)), tangent, c)
         return manual(primals, c), reference_vjp(primals, c), sum(jax.tree.leaves(terms))
 
