@@ -67,6 +67,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bpjax._trees import cast_floats
 from bpjax._types import Array, ArrayTree
 from bpjax.layers._core import layer_forward, split_key
 from bpjax.network import SerialCache
@@ -392,16 +393,6 @@ def _compare_arrays(
     return CheckRow(path, reference_name, max_abs, rel, worst, passed)
 
 
-def _floating(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, float)) and jnp.issubdtype(
-        jnp.result_type(x), jnp.floating
-    )
-
-
-def _cast_floats(tree: ArrayTree, dtype: Any) -> ArrayTree:
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype) if _floating(x) else x, tree)
-
-
 def _unit_directions(key: Array, leaf: Array, count: int) -> np.ndarray:
     """``count`` random directions of the leaf's shape, each of unit Euclidean norm (float64)."""
     v = np.asarray(jax.random.normal(key, (count, *jnp.shape(leaf)), jnp.float32), np.float64)
@@ -609,8 +600,8 @@ def _float64_rows(
     Every line ``θ + s v`` (each leaf's directions × its steps) is evaluated by one vmapped
     function: four central-difference steps ``±h, ±2h`` then the Taylor steps.
     """
-    params64 = _cast_floats(params, jnp.float64)
-    args64 = _cast_floats(args, jnp.float64)
+    params64 = cast_floats(params, jnp.float64)
+    args64 = cast_floats(args, jnp.float64)
     eps = float(np.finfo(np.float64).eps)
     p_leaves = jax.tree.leaves(params64)
     scales = [max(1.0, float(np.linalg.norm(np.asarray(leaf)))) for leaf in p_leaves]

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bpjax._trees import cast_floats, is_float
 from bpjax._types import Array, ArrayTree
 from bpjax.check import (
     CheckRow,
@@ -55,7 +56,7 @@ from bpjax.check import (
 )
 from bpjax.testing import _contracts
 from bpjax.testing._tolerance import _finite_max_abs, allowed_errors, unit_roundoff
-from bpjax.testing._trees import cast_floats, is_float, manual_leaves, random_like
+from bpjax.testing._trees import manual_leaves, random_like
 
 __all__ = [
     "BACKWARD_REFERENCES",

@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bpjax._trees import is_float, to_dtype
 from bpjax._types import ArrayTree
 from bpjax.check import CheckRow, _cached_jit, _compare_arrays, _memoized, _to_f64_np
-from bpjax.testing._trees import host_map, is_float, manual_leaves, random_like, to_dtype
+from bpjax.testing._trees import host_map, manual_leaves, random_like
 
 __all__ = ["CONTRACTS"]
 

@@ -5,15 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from bpjax._types import Array, ArrayTree
-
-
-def is_float(x: Any) -> bool:
-    """Whether ``x`` (an array, a tracer or a Python number) has a floating dtype."""
-    return bool(jnp.issubdtype(jnp.result_type(x), jnp.floating))
+from bpjax._trees import to_dtype
+from bpjax._types import ArrayTree
 
 
 def manual_leaves(cts: tuple[Any, ...], primals: tuple[Any, ...]) -> tuple[list[Any] | None, str]:
@@ -43,16 +38,6 @@ def random_like(rng: np.random.Generator, tree: ArrayTree) -> ArrayTree:
     Drawn with NumPy on the host: eager ``jax.random`` would compile once per new shape.
     """
     return jax.tree.map(lambda x: to_dtype(rng.standard_normal(np.shape(x)), x.dtype), tree)
-
-
-def to_dtype(x: Any, dtype: Any) -> Array:
-    """``x`` as a device array of ``dtype``, converted on the host (no compilation)."""
-    return jnp.asarray(np.asarray(np.asarray(x), np.float64).astype(jnp.dtype(dtype)))
-
-
-def cast_floats(tree: ArrayTree, dtype: Any) -> ArrayTree:
-    """Every floating leaf of ``tree`` as ``dtype`` (exact when casting up); others unchanged."""
-    return jax.tree.map(lambda x: to_dtype(x, dtype) if is_float(x) else x, tree)
 
 
 def host_map(fn: Any, *trees: ArrayTree) -> ArrayTree:
