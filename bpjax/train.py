@@ -257,7 +257,10 @@ def evaluate(net: MLP, params: Params, x: Array, y: Array) -> Metrics:
     out = net(params, x)  # under jit, the same forward as the loss's (XLA merges the two)
     y = jnp.asarray(y)
     if y.ndim == 1 and jnp.issubdtype(y.dtype, jnp.integer):
-        accuracy = jnp.mean((jnp.argmax(out, axis=-1) == y).astype(loss.dtype))
+        # argmax is int64 under jax_enable_x64, the labels int32 as loaded: compare in the labels'
+        # dtype, which strict dtype promotion would otherwise reject
+        predicted = jnp.argmax(out, axis=-1).astype(y.dtype)
+        accuracy = jnp.mean((predicted == y).astype(loss.dtype))
     else:
         accuracy = jnp.full((), jnp.nan, loss.dtype)
     return Metrics(loss, accuracy)

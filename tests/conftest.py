@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -27,6 +30,49 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("ci")
+
+
+@functools.cache
+def _float16_compiles() -> bool:
+    """Whether XLA:CPU can convert to and from float16 on this machine.
+
+    Without the F16C instructions (a CPU before Ivy Bridge, or ``XLA_FLAGS=--xla_cpu_max_isa=
+    SSE4_2``) XLA:CPU emits calls to ``__truncsfhf2``/``__extendhfsf2``, which its JIT cannot link:
+    every float16 computation fails to compile, whatever the code. That is the platform's limit,
+    not bpjax's.
+    """
+    try:
+        jax.block_until_ready(
+            jax.jit(lambda a: (a.astype(jnp.float16) + 1).astype(a.dtype))(jnp.ones(3))
+        )
+    except Exception:  # XlaRuntimeError, whose module path differs across jaxlib versions
+        return False
+    return True
+
+
+def _is_float16(value: object, *, top: bool = True) -> bool:
+    """A test parameter that is float16: the dtype, its name, or a tuple holding the dtype."""
+    if isinstance(value, tuple):
+        return any(_is_float16(v, top=False) for v in value)
+    if isinstance(value, str):  # a name at the top level; a string in a tuple is not a dtype
+        return top and value == "float16"
+    try:
+        return jnp.dtype(value) == jnp.float16
+    except (TypeError, ValueError):  # not a dtype
+        return False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Skips the float16 cases where XLA:CPU cannot compile float16 at all (see above)."""
+    float16 = [
+        item
+        for item in items
+        if hasattr(item, "callspec") and any(map(_is_float16, item.callspec.params.values()))
+    ]
+    if float16 and not _float16_compiles():
+        skip = pytest.mark.skip(reason="XLA:CPU cannot compile float16 on this CPU (no F16C)")
+        for item in float16:
+            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -23,6 +23,11 @@ NAMES = (
     "mish",
     "softmax",
 )
+# The forwards are jax.nn's own functions (the same ops, so equal in fact). A backward element is
+# f'(z) g by at most ~8 roundings or few-ulp library calls, and so is autodiff's pullback: away
+# from cancellation the two differ by ≲ 16 u relative per element, hence norm-relative too:
+# 9.5e-7 in float32 (u = 6e-8), 1.8e-15 in float64. Where f'(z) g is a difference that cancels
+# (mish's zero, softmax's g − ⟨g, a⟩), the elementwise check below falls back to atol.
 RTOL = {"float64": 1e-13, "float32": 1e-6}
 
 

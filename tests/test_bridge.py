@@ -13,6 +13,15 @@ import pytest
 import bpjax as bp
 from bpjax.layers import Dense, Layer
 
+# The bridge runs the network's own forward and backward code, so next to `net` or
+# `net.value_and_grad` it differs only where one side is jitted and the other is not (eagerly they
+# are the same ops): XLA may fuse, reassociate a reduction or contract a multiply-add, and a sum of
+# K terms then rounds differently by ≤ 2γ_K Σ|terms|, γ_K = K·1.1e-16 in float64 (K ≤ 30 here:
+# widths ≤ 7, batches ≤ 6, 30 token positions): ≤ 6.6e-15, and through three layers a few
+# 1e-14 of the terms' magnitudes; 1e-12 leaves a factor of 30 for cancellation, and a wrong
+# backward is off by O(1).
+SAME_CODE_RTOL = 1e-12
+
 
 def _assert_trees_close(actual, expected, rtol=1e-10):
     flat_a, tree_a = jax.tree.flatten(actual)
@@ -21,6 +30,12 @@ def _assert_trees_close(actual, expected, rtol=1e-10):
     for a, e in zip(flat_a, flat_e, strict=True):
         assert a.dtype == e.dtype
         np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(e))))
+
+
+def _tree_norm(tree):
+    return float(
+        np.sqrt(sum(np.sum(np.asarray(leaf, np.float64) ** 2) for leaf in jax.tree.leaves(tree)))
+    )
 
 
 def _mlp_case(dtype=jnp.float64):
@@ -43,7 +58,7 @@ def test_output_vjp_equals_autodiff_of_the_forward(x64, maybe_jit):
     apply = bp.custom_vjp(net)
     out, pullback = jax.vjp(maybe_jit(apply), params, x)
     ref_out, ref_pullback = jax.vjp(net, params, x)
-    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_allclose(out, ref_out, rtol=SAME_CODE_RTOL)
     cotangent = jax.random.normal(jax.random.key(3), out.shape, out.dtype)
     _assert_trees_close(pullback(cotangent), ref_pullback(cotangent))
 
@@ -62,8 +77,8 @@ def test_loss_grad_is_the_manual_gradient(x64, maybe_jit, make):
         params, x, y
     )
     ref_value, ref_grads = net.value_and_grad(params, x, y)
-    np.testing.assert_allclose(value, ref_value, rtol=1e-14)
-    _assert_trees_close(grads, ref_grads, rtol=1e-14)
+    np.testing.assert_allclose(value, ref_value, rtol=SAME_CODE_RTOL)
+    _assert_trees_close(grads, ref_grads, rtol=SAME_CODE_RTOL)
     _assert_trees_close(input_grad, jax.grad(net.loss, argnums=1)(params, x, y))
 
 
@@ -125,28 +140,40 @@ def test_vmap_over_an_ensemble_and_over_examples(x64):
 
 
 def test_an_optax_training_loop_matches_manual_training():
-    """float32, 20 Adam steps: the bridge's loss under jax.grad trains as value_and_grad does."""
+    """float32, 20 Adam steps: the bridge's loss under jax.grad trains as value_and_grad does.
+
+    At every step of the run, at the same params, jax.value_and_grad of the bridge gives the loss
+    and gradient of net.value_and_grad, so the optimiser takes the same step. The two runs are not
+    compared as whole trajectories: in float32 they agree only as far as the CPU's rounding lets
+    them (Adam's first update is ±lr whatever a gradient's size, so an element that rounds to the
+    other sign moves by 2 lr), not by a margin any derivation gives.
+    """
     net, params, x, y = _mlp_case(jnp.float32)
     loss_fn = bp.custom_vjp(net, loss=True)
     optimizer = optax.adam(1e-2)
+    bridged = jax.jit(jax.value_and_grad(loss_fn))
 
-    def step(params, state, bridged):
-        if bridged:
-            loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-        else:
-            loss, grads = net.value_and_grad(params, x, y)
+    @jax.jit
+    def step(params, state):
+        loss, grads = net.value_and_grad(params, x, y)
         updates, state = optimizer.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss
+        return optax.apply_updates(params, updates), state, loss, grads
 
-    step = jax.jit(step, static_argnums=2)
-    p_bridge, s_bridge = params, optimizer.init(params)
-    p_manual, s_manual = params, optimizer.init(params)
+    # One float32 evaluation at the same params: the same code, a few roundings of ≤ 7-term sums
+    # apart, held to the harness's float32 tolerance (1e-5 ≈ 170 u, derived in bpjax/check.py),
+    # the gradient norm-relative over the whole tree as the harness's atol scales it.
+    rtol = bp.DEFAULT_RTOL["float32"]
+    state = optimizer.init(params)
+    losses = []
     with jax.numpy_dtype_promotion("standard"):  # optax's bias correction mixes int and float
         for _ in range(20):
-            p_bridge, s_bridge, l_bridge = step(p_bridge, s_bridge, True)
-            p_manual, s_manual, l_manual = step(p_manual, s_manual, False)
-            np.testing.assert_allclose(l_bridge, l_manual, rtol=1e-6)
-    _assert_trees_close(p_bridge, p_manual, rtol=1e-5)
+            b_loss, b_grads = bridged(params, x, y)
+            params, state, loss, grads = step(params, state)
+            np.testing.assert_allclose(b_loss, loss, rtol=rtol)
+            diff = jax.tree.map(lambda b, g: b - g, b_grads, grads)
+            assert _tree_norm(diff) <= rtol * _tree_norm(grads)
+            losses.append(float(loss))
+    assert losses[-1] < losses[0]  # and it trains (1.28 to 0.57: no rounding closes that gap)
 
 
 def test_a_key_reaches_stochastic_layers(x64):
@@ -205,6 +232,6 @@ def test_integer_inputs_get_no_cotangent(x64):
     tokens = jax.random.randint(jax.random.key(1), (6, 5), 0, 11)
     labels = jax.random.randint(jax.random.key(2), (6, 5), 0, 3)
     grads = jax.jit(jax.grad(bp.custom_vjp(net, loss=True)))(params, tokens, labels)
-    _assert_trees_close(grads, net.value_and_grad(params, tokens, labels)[1], rtol=1e-14)
+    _assert_trees_close(grads, net.value_and_grad(params, tokens, labels)[1], rtol=SAME_CODE_RTOL)
     out_grads = jax.grad(lambda p: jnp.sum(bp.custom_vjp(net)(p, tokens) ** 2))(params)
     _assert_trees_close(out_grads, jax.grad(lambda p: jnp.sum(net(p, tokens) ** 2))(params))

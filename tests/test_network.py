@@ -91,15 +91,21 @@ def test_serial_is_hashable_jits_without_static_args_and_vmaps():
 
     net = build()
     assert net == build() and hash(net) == hash(build())
-    params = net.init(jax.random.key(0))
-    xs = jax.random.normal(jax.random.key(1), (4, 6, 2))
-    ys = jax.random.uniform(jax.random.key(2), (4, 6, 3))
-    losses, grads = jax.jit(jax.vmap(net.value_and_grad, in_axes=(None, 0, 0)))(params, xs, ys)
-    for i in range(4):
-        loss_i, grads_i = net.value_and_grad(params, xs[i], ys[i])
-        np.testing.assert_allclose(losses[i], loss_i, rtol=1e-6)
-        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_i), strict=True):
-            np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-7)
+    # float64: vmapped and jitted against eager is one computation compiled two ways, so they
+    # differ by roundoff alone, and each gradient element is a batch sum whose terms can cancel.
+    # A sum of K ≤ 6 terms rounds by ≤ γ_6 ≈ 7e-16 of its terms' magnitudes (O(1) here, through
+    # two 5- and 3-wide layers), so rtol 1e-12 with atol 1e-13 holds with a margin of 100; in
+    # float32 the same bound is 4e-7 of the terms, too close to a fixed atol to hold on any CPU.
+    with jax.enable_x64(True):
+        params = net.init(jax.random.key(0), jnp.float64)
+        xs = jax.random.normal(jax.random.key(1), (4, 6, 2), jnp.float64)
+        ys = jax.random.uniform(jax.random.key(2), (4, 6, 3), jnp.float64)
+        losses, grads = jax.jit(jax.vmap(net.value_and_grad, in_axes=(None, 0, 0)))(params, xs, ys)
+        for i in range(4):
+            loss_i, grads_i = net.value_and_grad(params, xs[i], ys[i])
+            np.testing.assert_allclose(losses[i], loss_i, rtol=1e-12)
+            for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_i), strict=True):
+                np.testing.assert_allclose(a[i], b, rtol=1e-12, atol=1e-13)
 
 
 def test_dense_layer_backward_matches_vjp(x64):

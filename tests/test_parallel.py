@@ -43,8 +43,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _env(**extra: str) -> dict[str, str]:
+def _env(device_count: int | None = None, **extra: str) -> dict[str, str]:
+    """The workers' environment: this process's minus JAX's settings and any device count.
+
+    The arithmetic flags in ``XLA_FLAGS`` (``--xla_cpu_max_isa=…``) are kept, so a run under a
+    restricted instruction set checks the sharded paths under it too.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    if device_count is not None:
+        flags.append(f"--xla_force_host_platform_device_count={device_count}")
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(extra)
@@ -56,7 +66,7 @@ def launched() -> Any:
     """The 8-device worker and the two multi-host processes, started at once."""
     worker = subprocess.Popen(
         [sys.executable, str(TESTS / "_parallel_worker.py")],
-        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        env=_env(device_count=8),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
