@@ -61,6 +61,7 @@ def test_forward_is_jax_nn(name, dtype):
         np.testing.assert_allclose(a, JAX_NN_FORWARD[name](z), rtol=RTOL[dtype], atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("name", NAMES)
 def test_backward_is_vjp_of_forward(name, dtype):
@@ -163,6 +164,7 @@ SIN = bp.Activation(
 )
 
 
+@pytest.mark.slow
 def test_user_activation_in_an_mlp(x64, maybe_jit):
     net = bp.MLP((3, 4, 4, 2), (SIN, "tanh", "identity"), "squared_error")
     assert net.activations[0] is SIN

@@ -126,6 +126,7 @@ def _fake_parallel(tmp_path: Path, body: str) -> Path:
     return script
 
 
+@pytest.mark.slow
 def test_quick_suite_writes_json_markdown_and_plots(tmp_path, monkeypatch):
     script = _fake_parallel(
         tmp_path,

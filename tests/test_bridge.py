@@ -53,6 +53,7 @@ def _serial_net():
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_output_vjp_equals_autodiff_of_the_forward(x64, maybe_jit):
     net, params, x, _ = _mlp_case()
     apply = bp.custom_vjp(net)
@@ -63,6 +64,7 @@ def test_output_vjp_equals_autodiff_of_the_forward(x64, maybe_jit):
     _assert_trees_close(pullback(cotangent), ref_pullback(cotangent))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [_mlp_case, "serial"], ids=["mlp", "serial"])
 def test_loss_grad_is_the_manual_gradient(x64, maybe_jit, make):
     if make == "serial":
@@ -125,6 +127,7 @@ def test_the_reverse_pass_is_the_hand_written_one(x64):
     np.testing.assert_allclose(bridged[1]["W"], autodiff[1]["W"], rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_vmap_over_an_ensemble_and_over_examples(x64):
     net, _, x, y = _mlp_case()
     loss_fn = bp.custom_vjp(net, loss=True)
@@ -139,6 +142,7 @@ def test_vmap_over_an_ensemble_and_over_examples(x64):
     _assert_trees_close(per_example, expected)
 
 
+@pytest.mark.slow
 def test_an_optax_training_loop_matches_manual_training():
     """float32, 20 Adam steps: the bridge's loss under jax.grad trains as value_and_grad does.
 
@@ -176,6 +180,7 @@ def test_an_optax_training_loop_matches_manual_training():
     assert losses[-1] < losses[0]  # and it trains (1.28 to 0.57: no rounding closes that gap)
 
 
+@pytest.mark.slow
 def test_a_key_reaches_stochastic_layers(x64):
     def noisy(params, x, *, key=None):
         del params
@@ -223,6 +228,7 @@ def test_bad_input():
         jax.grad(lambda p: jnp.sum(bp.custom_vjp(net)(p, x[:, :3])))(params)
 
 
+@pytest.mark.slow
 def test_integer_inputs_get_no_cotangent(x64):
     """An Embedding network: the bridge differentiates the params only."""
     net = bp.serial(

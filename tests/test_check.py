@@ -289,6 +289,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.slow
 def test_check_mlp_passes_the_real_backward_and_the_faithful_copy(x64):
     net, params, x, y = _data()
     for backward in (None, planted(net, None)):
@@ -305,6 +306,7 @@ def test_check_mlp_passes_the_real_backward_and_the_faithful_copy(x64):
         assert report.summary().startswith(f"all {len(report.rows)} checks passed")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bug", BUGS)
 def test_check_mlp_finds_the_planted_bug(bug, x64):
     net, params, x, y = _data()
@@ -320,6 +322,7 @@ def test_check_mlp_finds_the_planted_bug(bug, x64):
         assert f"Every δ agrees; the gradient formula of layer {layer} is wrong" in summary
 
 
+@pytest.mark.slow
 def test_check_mlp_float32():
     net = bp.MLP((3, 5, 2), ("relu", "sigmoid"), "binary_cross_entropy")
     params = net.init(jax.random.key(0))
@@ -340,6 +343,7 @@ def test_check_mlp_float32():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("w", [-1e-3, 1e-3])
 def test_taylor_passes_a_right_gradient_next_to_a_relu_kink(x64, w):
     """A dead unit 1e-3 from its kink: f is flat near θ and first order beyond the kink.
@@ -408,6 +412,7 @@ def _scale_data(net):
     return params, x, y
 
 
+@pytest.mark.slow
 def test_check_network_passes_a_right_serial_network(x64):
     net = _scale_net(_SCALE_OK)
     report = bp.check_network(net, *_scale_data(net))
@@ -440,6 +445,7 @@ def test_check_network_names_a_wrong_params_gradient(x64):
     assert "params gradient of layer 2 (Layer) is wrong" in report.summary()
 
 
+@pytest.mark.slow
 def test_check_network_on_sequence_outputs_and_a_training_key(x64):
     def noisy(params, x, *, key=None):
         del params
@@ -466,6 +472,7 @@ def test_check_network_bad_input():
                          key=jax.random.key(0))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_order_2_adds_the_curvature_rows(x64):
     net = bp.MLP((3, 5, 4), ("tanh", "softmax"), "cross_entropy")
     params = net.init(jax.random.key(0), jnp.float64)

@@ -36,6 +36,7 @@ def _rows(out: str, activation: str) -> list[str]:
     return [line for line in out.splitlines() if line.split()[:1] == [activation]]
 
 
+@pytest.mark.slow
 def test_check_passes_and_prints_the_table(capsys):
     # two spawned workers (one per dtype), as `bpjax check` runs by default
     code = main(
@@ -84,6 +85,7 @@ def _broken_tanh_backward(z, a, g):
     return g * (1 - a)  # the planted bug: tanh' = 1 − a², not 1 − a
 
 
+@pytest.mark.slow
 def test_a_wrong_backward_fails_and_prints_the_report(capsys, monkeypatch):
     tanh = bp.ACTIVATIONS["tanh"]
     monkeypatch.setitem(bp.ACTIVATIONS, "tanh", tanh._replace(backward=_broken_tanh_backward))

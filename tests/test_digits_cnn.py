@@ -90,6 +90,7 @@ def _train(params, x, y, batches, manual):
     return params, losses, diffs
 
 
+@pytest.mark.slow
 def test_cnn_trains_on_digits_with_the_manual_backward_like_jax_grad(x64):
     x_train, y_train, x_test, y_test = _digits()
     batches = np.stack(

@@ -238,11 +238,13 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("hidden", "loss", "output"), CASES)
 def test_every_activation_and_output_pair(hidden, loss, output):
     check_all((hidden, output), loss, (3, 4, 3), 4, seed=1)
 
 
+@pytest.mark.slow
 def test_eager_and_jitted(maybe_jit):
     """Eagerly and under jit, each function against the (jitted) reference."""
     hidden, loss, output = CASES[0]
@@ -260,11 +262,13 @@ def test_eager_and_jitted(maybe_jit):
         assert_close(maybe_jit(functools.partial(bx.hvp, net))(params, x, y, v), want["hvp"], "hvp")
 
 
+@pytest.mark.slow
 def test_kfac_is_exact_for_one_example_at_every_depth():
     """Three layers, cross-entropy with a probability target (the Hessian scales by Σ_j y_j)."""
     check_all(("tanh", "relu", "softmax"), "cross_entropy", (3, 4, 3, 3), 1, seed=5, labels=False)
 
 
+@pytest.mark.slow
 def test_levenberg_marquardt_step_solves_the_damped_ggn_system():
     check_all(("elu", "softmax"), "cross_entropy", (3, 4, 3), 5, seed=6, lm=True)
 
@@ -284,6 +288,7 @@ def architectures(draw):
     return (*hidden, output), loss, sizes, draw(st.integers(1, 9)), draw(st.integers(0, 2**16))
 
 
+@pytest.mark.slow
 @settings(max_examples=4)
 @given(architectures())
 def test_random_architectures(arch):
@@ -294,6 +299,7 @@ def test_random_architectures(arch):
 # -- the other promises --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_serial_networks_of_dense_layers_agree_with_the_mlp(x64, key):
     mlp = bp.MLP((3, 4, 2), ("tanh", "softmax"), "cross_entropy")
     net = bp.serial(
@@ -334,6 +340,7 @@ def test_clipped_grad_clips_each_example_to_max_norm(x64):
     assert_close(bx.clipped_grad(net, params, x, y, 1e9), net.value_and_grad(params, x, y)[1], "g")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", sorted(CANONICAL_OUTPUT))
 def test_diag_ggn_mc_is_an_unbiased_estimate(x64, loss):
     net = bp.MLP((3, 4, 3), ("tanh", CANONICAL_OUTPUT[loss]), loss)
@@ -364,6 +371,7 @@ def test_kfac_precondition_inverts_the_damped_kronecker_product(x64):
         assert_close(updates[l], jax.tree.map(lambda t: -t, got[l]), "optax", rtol=1e-14)
 
 
+@pytest.mark.slow
 def test_levenberg_marquardt_beats_sgd_on_a_small_regression():
     """Same steps, same start: damped Gauss-Newton reaches a far lower loss than SGD."""
     with jax.enable_x64(True):

@@ -177,24 +177,28 @@ def _conv_check(case, jit: bool, activation: str = "identity") -> None:
             assert_close(manual, reference, what)
 
 
+@pytest.mark.slow
 @settings(max_examples=EAGER_EXAMPLES)
 @given(case=conv_cases())
 def test_conv2d_backward_is_the_vjp_of_lax_conv(case):
     _conv_check(case, jit=False)
 
 
+@pytest.mark.slow
 @settings(max_examples=JIT_EXAMPLES)
 @given(case=conv_cases())
 def test_conv2d_backward_is_the_vjp_of_lax_conv_jitted(case):
     _conv_check(case, jit=True)
 
 
+@pytest.mark.slow
 @settings(max_examples=JIT_EXAMPLES // 2)
 @given(case=conv_cases(), activation=st.sampled_from(["tanh", "relu", "sigmoid", "softmax"]))
 def test_conv2d_with_an_activation_records_delta_at_z(case, activation):
     _conv_check(case, jit=True, activation=activation)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("size", "kernel", "stride", "padding"),
     [
@@ -275,6 +279,7 @@ def _pool_check(case, jit: bool) -> None:
             assert_close(manual, reference, what)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [MaxPool2D, AvgPool2D])
 @settings(max_examples=EAGER_EXAMPLES)
 @given(data=st.data())
@@ -282,6 +287,7 @@ def test_pool_backward_is_the_vjp_of_reduce_window(cls, data):
     _pool_check(data.draw(pool_cases(cls)), jit=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [MaxPool2D, AvgPool2D])
 @settings(max_examples=JIT_EXAMPLES)
 @given(data=st.data())
@@ -307,6 +313,7 @@ def _first_maximum_rule(x: np.ndarray, layer: MaxPool2D, dy: np.ndarray) -> np.n
     return dx
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layer",
     [MaxPool2D(2), MaxPool2D(3, 1, "SAME"), MaxPool2D((2, 3), (1, 2), ((1, 0), (0, 2)))],
@@ -327,6 +334,7 @@ def test_max_pool_ties_go_to_the_first_maximum_in_the_window(x64, layer, jit):
     np.testing.assert_array_equal(dx, vjp(jnp.asarray(dy))[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
 @pytest.mark.parametrize(("window", "strides"), [((2, 2), None), ((3, 2), (2, 1))])
 def test_pools_agree_with_stax(x64, padding, window, strides):
@@ -415,6 +423,7 @@ def ref_cnn_loss(params, x, y, activation: str):
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
 def test_small_cnn_passes_the_harness(x64, activation, jit):
@@ -438,6 +447,7 @@ def test_small_cnn_passes_the_harness(x64, activation, jit):
         assert_close(g, g_ref, jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_cnn_records_delta_at_each_conv_z(x64):
     """The δ the recursion records at a Conv2D is ``∂C_n/∂z``, per example, of ``z``'s shape."""
     net = _cnn("tanh")
@@ -471,6 +481,7 @@ def test_cnn_records_delta_at_each_conv_z(x64):
     assert_close(deltas[2], d2, "δ of conv 2")
 
 
+@pytest.mark.slow
 def test_cnn_on_digits_sized_batches_jits_once(key):
     """Conv-Pool-Conv-Pool-Flatten-Dense at batch 64 in float32: one trace, finite grads."""
     net = bp.serial(
@@ -577,6 +588,7 @@ def test_conv2d_wrong_channels_are_reported():
         layer.forward(params, jnp.ones((1, 8, 8, 1)))
 
 
+@pytest.mark.slow
 def test_serial_cnn_with_a_wrong_input_shape_is_reported():
     net = _cnn("tanh")
     params = net.init(jax.random.key(0))

@@ -121,6 +121,7 @@ def layer_norm_reference(eps: float, scale: bool, offset: bool) -> Any:
     return lambda p, x: ref_layer_norm(p, x, eps, scale, offset)
 
 
+@pytest.mark.slow
 @examples(12)
 @given(
     shape=st.sampled_from(((1, 1), (3, 2), (3, 5), (1, 2, 5), (2, 2, 1, 3))),
@@ -218,6 +219,7 @@ def dropout_reference(rate: float) -> Any:
     return lambda p, x, key: ref_dropout(x, key, rate)
 
 
+@pytest.mark.slow
 @examples(10)
 @given(
     shape=st.sampled_from(((1, 3), (4, 5), (2, 3, 4))),
@@ -327,6 +329,7 @@ def _perturb(params, seed):
     return jax.tree.unflatten(treedef, moved)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RESIDUALS))
 def test_residual_matches_vjp_of_the_maths(x64, maybe_jit, name):
     branch, reference, features = RESIDUALS[name]
@@ -351,6 +354,7 @@ def _dropout_block_reference(p, x, key):
     return x + ref_dense(p[2], h, "identity")
 
 
+@pytest.mark.slow
 def test_residual_hands_keys_to_its_branch(x64, maybe_jit):
     """``needs_key`` when a branch layer has it; layer i of the branch gets ``fold_in(key, i)``."""
     block = Residual(Dense(6, "tanh"), Dropout(0.5), Dense(6))
@@ -423,6 +427,7 @@ def embedding_reference_vjp(params, x, dy):
     return y, *pullback(dy)
 
 
+@pytest.mark.slow
 @examples(12)
 @given(
     in_shape=st.sampled_from(((), (4,), (2, 3))),
@@ -519,6 +524,7 @@ VMAP_LAYERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(VMAP_LAYERS))
 def test_vmap_over_independent_batches_equals_a_loop(x64, name):
     """float64: vmapped against one batch at a time is one computation compiled two ways, so
@@ -551,6 +557,7 @@ def _labels(seed, shape, n):
     return jnp.asarray(np.random.default_rng(seed).integers(0, n, shape), jnp.int32)
 
 
+@pytest.mark.slow
 def test_serial_with_a_residual_layer_norm_block_checks_out(x64):
     net = bp.serial(
         Dense(8, "tanh"),
@@ -567,6 +574,7 @@ def test_serial_with_a_residual_layer_norm_block_checks_out(x64):
     assert "[1][1]['scale']" in {row.path for row in report.rows}
 
 
+@pytest.mark.slow
 def test_serial_from_token_embeddings_with_dropout_checks_out(x64):
     """Integer inputs (batch, T) → (batch, T, 6) → a label per position, the loss their mean.
 
@@ -619,6 +627,7 @@ def _dropout_net_loss(params, x, y, key):
     return DROPOUT_NET.loss(params, x, y, key=key)
 
 
+@pytest.mark.slow
 def test_serial_with_dropout_trains_against_jax_grad_with_the_same_key(x64):
     """Dropout, also inside a Residual branch; the harness runs on the other two networks."""
     net = DROPOUT_NET
@@ -651,6 +660,7 @@ def test_serial_with_dropout_trains_against_jax_grad_with_the_same_key(x64):
     assert_close(jax.jit(net.loss)(params, x, y), jax.jit(plain.loss)(plain_params, x, y))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bfloat16"])
 def test_serial_of_every_layer_in_lower_precision(dtype):
     """Runs in each dtype, grads in the params' dtype, near the float64 grads of the same net."""

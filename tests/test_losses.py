@@ -246,6 +246,7 @@ def _huge_logit_net(act: str, loss: str, target: str, scale: float):
     return net, params, x, (y.astype(jnp.float32) if y.dtype == jnp.float64 else y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", [1e1, 1e3, 1e4], ids=["1e1", "1e3", "1e4"])
 @pytest.mark.parametrize("act,loss,target", STABILITY)
 def test_canonical_pairs_are_stable_for_huge_logits_in_float32(act, loss, target, scale):

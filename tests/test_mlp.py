@@ -311,6 +311,7 @@ TARGETS = st.sampled_from(("standard", "other"))
 FEW = max(3, settings.default.max_examples // 10)
 
 
+@pytest.mark.slow
 @given(arch=st.sampled_from(POOL), dtype=DTYPES, seed=SEEDS, gain=GAINS, target=TARGETS)
 def test_pooled_architectures_jitted_match_autodiff(arch, dtype, seed, gain, target):
     """The bulk: ≥ 200 examples, architectures from POOL (each compiles once per dtype)."""
@@ -336,6 +337,7 @@ def architectures(draw, widths=FULL_WIDTHS, batches=FULL_BATCHES):
     return Arch(tuple(sizes), (*hidden, out), loss, fuse, draw(batches), labels)
 
 
+@pytest.mark.slow
 @settings(max_examples=FEW)
 @given(arch=architectures(), dtype=DTYPES, seed=SEEDS, gain=GAINS, target=TARGETS)
 def test_random_architectures_jitted_match_autodiff(arch, dtype, seed, gain, target):
@@ -343,6 +345,7 @@ def test_random_architectures_jitted_match_autodiff(arch, dtype, seed, gain, tar
     check(arch, dtype, seed, gain, target, jit=True)
 
 
+@pytest.mark.slow
 @settings(max_examples=FEW)
 @given(
     arch=architectures(widths=st.sampled_from((2, 3)), batches=st.just(3)),
@@ -356,6 +359,7 @@ def test_random_architectures_eager_match_autodiff(arch, dtype, seed, gain, targ
     check(arch, dtype, seed, gain, target, jit=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss,out", OUTPUTS, ids=[f"{loss}-{out}" for loss, out in OUTPUTS])
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "generic"])
 def test_every_output_pair_eager(loss, out, fuse, x64):
@@ -372,6 +376,7 @@ def test_every_output_pair_eager(loss, out, fuse, x64):
 SIZES = (5, 7, 3, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
 def test_init_shapes_and_dtypes(dtype, key):
     net = bp.MLP(SIZES, ("tanh", "relu", "softmax"), "cross_entropy")
@@ -460,6 +465,7 @@ def test_jit_needs_no_static_args_and_does_not_retrace(key):
     assert len(traces) == 1
 
 
+@pytest.mark.slow
 def test_vmap_over_independent_batches_equals_a_loop(key, x64, maybe_jit):
     net, params, _, _ = _small(key, jnp.float64)
     kx, ky = jax.random.split(key)
@@ -506,6 +512,7 @@ def test_grad_through_the_manual_backward(key, x64, maybe_jit):
     assert_trees_close(got, want, 1e-10)
 
 
+@pytest.mark.slow
 def test_bfloat16_value_and_grad_runs_and_is_close_to_float32(key):
     net = bp.MLP(SIZES, ("tanh", "relu", "softmax"), "cross_entropy")  # init compiled above
     params = net.init(key, jnp.bfloat16)

@@ -36,6 +36,7 @@ def _data(key, batch, n_in, n_out, dtype, labels=True):
     return x, jax.random.normal(ky, (batch, n_out), dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "generic"])
 def test_serial_of_dense_layers_is_the_mlp(x64, fuse):
     """The MLP and serial(Dense, ...) run the same recursion: equal to the last bit or nearly."""
@@ -59,6 +60,7 @@ def test_serial_of_dense_layers_is_the_mlp(x64, fuse):
     np.testing.assert_allclose(ser.loss(params, x, y), net.loss(params, x, y), rtol=1e-15)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
 def test_a_users_layer_in_a_serial_network_checks_out(x64, jit):
     net = bp.serial(
@@ -83,6 +85,7 @@ def test_a_users_layer_in_a_serial_network_checks_out(x64, jit):
     )
 
 
+@pytest.mark.slow
 def test_serial_is_hashable_jits_without_static_args_and_vmaps():
     def build():
         return bp.serial(
@@ -197,6 +200,7 @@ _NOISE = bp.layers.Layer(
 )
 
 
+@pytest.mark.slow
 def test_a_key_reaches_the_layers_that_need_one(x64, maybe_jit):
     """Training mode (a key) draws the same noise in the manual and the reference loss."""
     net = bp.serial(
@@ -217,6 +221,7 @@ def test_a_key_reaches_the_layers_that_need_one(x64, maybe_jit):
     np.testing.assert_array_equal(net(params, x, key=k), net(params, x, key=k))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("labels", [True, False], ids=["labels", "probabilities"])
 def test_outputs_with_positions_take_the_mean_over_them(x64, maybe_jit, labels):
     """A (batch, T, n) output: C_n is the mean over the T positions of each example."""

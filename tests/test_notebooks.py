@@ -40,6 +40,7 @@ def test_notebook_is_stored_without_outputs(name):
     assert "assert" in code[-1].source, f"{name}: the last cell must assert what it demonstrates"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXPECTED)
 def test_notebook_runs(name, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")  # the kernel inherits it: no display needed

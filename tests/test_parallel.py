@@ -135,21 +135,25 @@ def _assert_close(chosen: list[dict[str, Any]], keys: tuple[str, ...]) -> None:
 GRAD_KEYS = ("loss_err", "vs_manual", "vs_jax_grad")
 
 
+@pytest.mark.slow
 def test_data_parallel_equals_single_device_and_jax_grad(cases):
     """1-D meshes of 4 and 8, a 2-D mesh's data axis, canonical and generic output errors."""
     _assert_close(_group(cases, "data_parallel", 4), GRAD_KEYS)
 
 
+@pytest.mark.slow
 def test_uneven_batch_is_padded_and_masked(cases):
     """B = 13 and B = 5 over 8 shards (some all padding), and per-position losses."""
     _assert_close(_group(cases, "uneven", 3), GRAD_KEYS)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_equals_single_device_and_jax_grad(cases):
     """Rows of W^l over 4 and 8 devices: split and whole layers mixed, MLP and serial."""
     _assert_close(_group(cases, "tensor_parallel", 3), GRAD_KEYS)
 
 
+@pytest.mark.slow
 def test_split_grads_come_back_sharded_as_the_specs_say(cases):
     chosen = [c for c in cases if "specs_match" in c]
     assert len(chosen) >= 5
@@ -158,15 +162,18 @@ def test_split_grads_come_back_sharded_as_the_specs_say(cases):
     ]
 
 
+@pytest.mark.slow
 def test_2d_mesh_equals_single_device_and_jax_grad(cases):
     """data × model meshes 2×4, 4×2, 2×2, with an uneven batch and Explicit mesh axes."""
     _assert_close(_group(cases, "mesh2d", 4), GRAD_KEYS)
 
 
+@pytest.mark.slow
 def test_float32_within_its_tolerance(cases):
     _assert_close(_group(cases, "float32", 2), GRAD_KEYS)
 
 
+@pytest.mark.slow
 def test_extend_quantities_reduce_like_the_gradient(cases):
     """sum_grad_squared, variance, diag_ggn, KFAC and the per-example ones, B = 13 on 4."""
     chosen = _group(cases, "extend", len(parallel.DATA_PARALLEL_QUANTITIES))
@@ -174,6 +181,7 @@ def test_extend_quantities_reduce_like_the_gradient(cases):
     _assert_close(chosen, ("vs_single_device",))
 
 
+@pytest.mark.slow
 def test_communication_volume_equals_the_compiled_collectives(cases):
     """The bytes the sharding implies are the bytes in the collectives XLA compiled."""
     chosen = [c for c in cases if c.get("comm_exact_check")]
@@ -186,6 +194,7 @@ def test_communication_volume_equals_the_compiled_collectives(cases):
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.slow
 def test_two_processes_on_loopback_agree_with_one(hosts):
     """jax.distributed over 2 processes × 2 CPU devices: one data-parallel step each."""
     assert [h["process"] for h in hosts] == [0, 1]

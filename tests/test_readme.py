@@ -5,11 +5,14 @@ from __future__ import annotations
 import pathlib
 import re
 
+import pytest
+
 import bpjax as bp
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.slow
 def test_python_examples_run_in_order():
     text = README.read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)

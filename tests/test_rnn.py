@@ -193,6 +193,7 @@ def _lstm_case(shape, truncate, seed, gain, jit, direct=True):
 # and checks there that backward is delta followed by backward_delta.
 
 
+@pytest.mark.slow
 @settings(max_examples=10)
 @given(
     data=st.data(),
@@ -206,6 +207,7 @@ def test_elman_bptt_matches_vjp_of_the_equations(data, shape, activation, seed, 
     _elman_case(shape, activation, truncate, seed, gain, jit=True, direct=False)
 
 
+@pytest.mark.slow
 @settings(max_examples=8)
 @given(
     data=st.data(),
@@ -218,11 +220,13 @@ def test_lstm_bptt_matches_vjp_of_the_equations(data, shape, seed, gain):
     _lstm_case(shape, truncate, seed, gain, jit=True, direct=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("truncate", [None, 2])
 def test_elman_bptt_eager(truncate):
     _elman_case((3, 7, 2, 4), "tanh", truncate, seed=1, gain=1.5, jit=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("truncate", [None, 3])
 def test_lstm_bptt_eager(truncate):
     _lstm_case((3, 7, 2, 4), truncate, seed=2, gain=1.5, jit=False)
@@ -261,6 +265,7 @@ def test_init_shapes_dtypes_and_forget_bias(layer):
         np.testing.assert_array_equal(params["b"][2 * h :], 0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layer, dtype",
     [
@@ -358,6 +363,7 @@ def _sequences(seed, batch, steps, n_in, dtype=jnp.float64):
     return jax.random.normal(jax.random.key(seed), (batch, steps, n_in), dtype)
 
 
+@pytest.mark.slow
 def test_stacked_network_checks_out(x64):
     """The harness (autodiff, forward mode, finite differences, Taylor) on a stacked RNN.
 
@@ -385,6 +391,7 @@ def _reference_loss(rnn, params, x, y):
     return -jnp.mean(jnp.take_along_axis(logp, y[..., None], axis=-1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "rnn, many, jit",
     [

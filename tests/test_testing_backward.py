@@ -55,6 +55,7 @@ def _failing(report):
 # -- right backward passes -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
 def test_right_fwd_bwd_pair_passes_every_check(jit):
     report = assert_backward_matches(layer_fwd, layer_bwd, *_inputs(), jit=jit)

@@ -70,6 +70,7 @@ def _readme_example() -> str:
     return block
 
 
+@pytest.mark.slow
 def test_readme_example_runs_under_xdist_with_bpjax_x64(tmp_path):
     """One subprocess: the README's test file, a broken check and the marker, on 2 workers."""
     (tmp_path / "test_gated.py").write_text(_readme_example(), encoding="utf-8")

@@ -8,6 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import assume, find, given, settings
 from hypothesis import strategies as st
 
@@ -75,6 +76,7 @@ def _loss_pair(net):
     return forward, backward
 
 
+@pytest.mark.slow
 @settings(max_examples=5, deadline=None)
 @given(strategies.mlp_cases(max_layers=2, max_width=4, max_batch=3), st.data())
 def test_float32_tolerances_raise_no_false_alarm_and_catch_one_wrong_element(case, data):

@@ -217,6 +217,7 @@ XOR_NET = bp.MLP((2, 8, 2), ("tanh", "softmax"), "cross_entropy")  # `bpjax trai
 XOR_OPTIMIZER = get_optimizer("adam", 0.01)
 
 
+@pytest.mark.slow
 def test_fit_with_a_pluggable_gradient_and_early_stopping():
     train, test = datasets.split_dataset(datasets.xor_dataset(), 0.2)
     params = XOR_NET.init(jax.random.key(0))
@@ -279,6 +280,7 @@ def digits_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_digits_defaults_reach_95_percent_in_under_a_minute(digits_runs):
     for grad, (code, out, seconds) in digits_runs.items():
         assert code == 0, grad
@@ -302,6 +304,7 @@ def _float64_fit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(train_module, "fit", fit64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data", ["digits", "xor"])
 def test_manual_and_autodiff_histories_agree(data, tmp_path, capsys, monkeypatch, x64):
     """`bpjax train --grad manual` and `--grad autodiff` with the defaults, in float64."""
@@ -343,6 +346,7 @@ for grad in ("manual", "autodiff"):
 """
 
 
+@pytest.mark.slow
 def test_devices_trains_data_parallel_like_one_device(tmp_path, capsys, monkeypatch, x64):
     # A fresh process, so `--devices 4` can still make 4 CPU devices; both gradients run there.
     # Both sides in float64 (see HISTORY_RTOL): 25 Adam steps in float32 part by rounding alone.
@@ -387,6 +391,7 @@ def test_devices_beyond_what_a_started_backend_has_exit_2(capsys):
     assert err.strip().splitlines()[-1].startswith("bpjax train: error: argument --devices:")
 
 
+@pytest.mark.slow
 def test_outputs_reproduce_the_run(digits_runs):
     _, out, _ = digits_runs["manual"]
     history = _history(out)
