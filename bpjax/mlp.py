@@ -1,6 +1,6 @@
 """The multilayer perceptron: a frozen spec with a cached forward and the explicit δ-recursion.
 
-In the batch-row notation of DESIGN.md, with ``a^0 = x`` of shape ``(batch, n_0)``::
+In the batch-row notation of the README, with ``a^0 = x`` of shape ``(batch, n_0)``::
 
     z^l = a^{l-1} (W^l)ᵀ + b^l                  (batch, n_l)
     a^l = f^l(z^l)                               (batch, n_l)

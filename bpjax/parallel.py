@@ -1,6 +1,6 @@
 """The hand-written backward sharded over many devices and hosts: data, tensor and 2-D parallel.
 
-Everything here runs the δ-recursion of DESIGN.md per shard inside :func:`jax.shard_map`, with the
+Everything here runs the δ-recursion of the README per shard inside :func:`jax.shard_map`, with the
 collectives that the maths needs written out. ``B`` is the global batch, ``D`` the size of the
 mesh's data axis and ``M`` that of its model axis.
 

@@ -9,7 +9,7 @@ its hidden states, shape ``(batch, T, hidden)``, so it composes with the other l
 
 The initial state is zero (``h_0 = 0``, and ``c_0 = 0`` for the LSTM) and carries no parameters.
 
-Backpropagation through time (BPTT) is the δ-recursion of DESIGN.md run over time steps instead of
+Backpropagation through time (BPTT) is the δ-recursion of the README run over time steps instead of
 layers. For the Elman layer, with ``z_t = x_t W_xhᵀ + h_{t−1} W_hhᵀ + b`` and ``h_t = f(z_t)``,
 the error ``δ_t = ∂C/∂z_t`` (rows: examples) obeys::
 

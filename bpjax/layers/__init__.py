@@ -1,6 +1,6 @@
 """Layers with hand-written backward passes, and the one δ-recursion that chains them.
 
-A layer is any object with three pure functions (the contract of DESIGN.md; :class:`Layer` builds
+A layer is any object with three pure functions (the contract of the README; :class:`Layer` builds
 one from plain functions)::
 
     init(key, in_shape, dtype) -> (params, out_shape)     shapes without the batch axis
