@@ -69,8 +69,11 @@ from jax.flatten_util import ravel_pytree
 
 from bpjax import activations as _act
 from bpjax import losses as _losses
+from bpjax._cache import jit_wrapper, memoized
 from bpjax._types import Array, Grads, Params, PRNGKey
-from bpjax.check import CheckRow, GradCheckReport, _compare_arrays, default_rtol
+from bpjax.check import CheckRow, GradCheckReport
+from bpjax.check.grads import least_precise
+from bpjax.check.tolerance import compare, explicit_tolerance, measure
 from bpjax.layers import Dense, DenseCache, backprop
 from bpjax.mlp import Cache
 
@@ -825,9 +828,11 @@ def check_curvature(
       net, params, x, y: as for :func:`batch_grad`.
       v: the direction for ``hvp``; by default a random unit direction (from ``seed``).
       quantities: which of :data:`CURVATURE_REFERENCES` to check.
-      rtol: norm-relative tolerance; defaults by the params' dtype (``bpjax.DEFAULT_RTOL``).
-      atol: largest-element tolerance; defaults to ``rtol × max |reference|`` per quantity.
-      seed: seeds the default ``v``.
+      rtol: an explicit norm-relative tolerance per leaf, replacing the derived allowances
+        (:mod:`bpjax.check.tolerance`: each leaf against its float64 truth, within the roundoff
+        measured for the reference in the working dtype).
+      atol: an explicit largest-element tolerance per leaf (either explicit bound passes).
+      seed: seeds the default ``v`` and the roundoff measurement.
       jit: run both sides under ``jax.jit``.
 
     Returns:
@@ -852,14 +857,37 @@ def check_curvature(
     _check_net(net)
     which = tuple(q for q in CURVATURE_REFERENCES if q in quantities)
     leaves = jax.tree.leaves(params)
-    dtype = jnp.result_type(*leaves)
+    dtype = least_precise(leaves)
     if v is None:
         flat, unravel = ravel_pytree(params)
         direction = jax.random.normal(jax.random.key(seed), flat.shape, flat.dtype)
         v = unravel(direction / jnp.linalg.norm(direction))
     else:
         v = _check_like_params(v, params, "v")
-    rtol = default_rtol(dtype) if rtol is None else float(rtol)
+    wrap = jit_wrapper(jit)
+    fns = _curvature_fns(net, which)
+    got = wrap(fns[0])(params, x, y, v)
+    explicit = None if rtol is None and atol is None else explicit_tolerance(rtol, atol)
+    measured = measure(
+        fns[1], params, (x, y, v), dtype=dtype, wrap=wrap, seed=seed, explicit=explicit
+    )
+    names = {"hvp": "jax.hessian (hvp)", "diag_ggn": "jax.jacobian GGN (diag_ggn)"}
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    rows: list[CheckRow] = []
+    for q in which:
+        truth, tols = measured.truth[q], measured.tolerances[q]
+        for path, m, t, tol in zip(paths, jax.tree.leaves(got[q]), truth, tols, strict=True):
+            rows.append(compare(path, names[q], m, t, tol))
+    allowed = [t.max_abs for q in which for t in measured.tolerances[q] if math.isfinite(t.max_abs)]
+    return GradCheckReport(
+        tuple(rows), jnp.dtype(dtype).name, 0.0 if rtol is None else float(rtol),
+        max(allowed, default=0.0) if atol is None else float(atol), derived=explicit is None,
+    )  # fmt: skip
+
+
+@memoized
+def _curvature_fns(net: Any, which: tuple[str, ...]) -> tuple[Callable[..., Any], ...]:
+    """The manual quantities and their references, built once per (net, quantities)."""
 
     def manual(p: Params, xs: Array, ys: Array, vs: Params) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -872,22 +900,4 @@ def check_curvature(
     def reference(p: Params, xs: Array, ys: Array, vs: Params) -> dict[str, Any]:
         return _reference_curvature(net, p, xs, ys, vs, which)
 
-    wrap = jax.jit if jit else (lambda f: f)
-    got = wrap(manual)(params, x, y, v)
-    want = wrap(reference)(params, x, y, v)
-    names = {"hvp": "jax.hessian (hvp)", "diag_ggn": "jax.jacobian GGN (diag_ggn)"}
-    rows: list[CheckRow] = []
-    atols = []
-    for q in which:
-        ref_leaves = jax.tree.leaves(want[q])
-        scale = max(
-            (float(np.max(np.abs(np.asarray(r, np.float64)))) for r in ref_leaves), default=0.0
-        )
-        q_atol = rtol * scale if atol is None else float(atol)
-        atols.append(q_atol)
-        paths = [
-            jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
-        ]
-        for path, m, r in zip(paths, jax.tree.leaves(got[q]), ref_leaves, strict=True):
-            rows.append(_compare_arrays(path, names[q], m, r, rtol=rtol, atol=q_atol))
-    return GradCheckReport(tuple(rows), jnp.dtype(dtype).name, rtol, max(atols, default=math.nan))
+    return manual, reference

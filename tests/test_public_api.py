@@ -54,13 +54,16 @@ def _submodules() -> list[str]:
     """Every public bpjax module (not __main__, not the CLI, not private ones)."""
     return [
         info.name
-        for info in pkgutil.iter_modules(bp.__path__, prefix="bpjax.")
-        if not info.name.rsplit(".", 1)[-1].startswith("_") and info.name != "bpjax.cli"
+        for info in pkgutil.walk_packages(bp.__path__, prefix="bpjax.")
+        if not any(part.startswith("_") for part in info.name.split("."))
+        and not info.name.startswith("bpjax.cli")
+        and not info.name.startswith("bpjax.testing")  # imports pytest/hypothesis parts
     ]
 
 
 def _defining_module(name: str) -> types.ModuleType:
-    for module_name in _submodules():
+    """The deepest public module that lists ``name`` (where it is defined, not re-exported)."""
+    for module_name in sorted(_submodules(), key=lambda m: -m.count(".")):
         module = importlib.import_module(module_name)
         if name in getattr(module, "__all__", ()):
             return module

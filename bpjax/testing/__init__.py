@@ -11,6 +11,11 @@ and traced once under ``jax.jit``. The allowed error of a float32 or bfloat16 ch
 the dtype's roundoff and the computation's magnitudes (:func:`allowed_errors`), and the report shows
 it beside the observed error.
 
+A ``jax.custom_jvp`` function (its VJP transposed from the JVP rule), ``nondiff_argnums``,
+``static_argnums`` and ``kwargs`` (Python values held fixed), and pytree outputs are checked as
+they are; ``order=2`` also checks the VJP of the VJP against ``jax.vjp ∘ jax.vjp`` (see
+:func:`check_backward`).
+
 :mod:`bpjax.testing.strategies` (hypothesis strategies for networks, params and batches) and the
 pytest plugin :mod:`bpjax.testing.plugin` (the ``grad_check`` fixture, ``--bpjax-x64``) need the
 test extras; this module imports neither hypothesis nor pytest.

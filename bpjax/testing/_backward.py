@@ -9,7 +9,19 @@
 - ``forward(*primals) -> out`` with ``backward=None``: a function whose reverse mode is the
   hand-written one (a :func:`jax.custom_vjp` function, or :func:`bpjax.custom_vjp` of a network).
   The manual VJP is ``jax.vjp(forward, ...)``; the reference is ``reference=`` or, for a
-  ``jax.custom_vjp``, its undecorated primal function ``forward.fun``.
+  ``jax.custom_vjp``, its undecorated primal function ``forward.fun``. A :func:`jax.custom_jvp`
+  function is checked the same way: its manual VJP is JAX's transpose of the hand-written JVP
+  rule, its reference ``forward.fun``.
+
+Real functions take more than arrays (see :mod:`bpjax.testing._adapt`): ``static_argnums`` holds
+Python values fixed (callables, floats, strings: never converted to arrays nor traced);
+``nondiff_argnums`` are those of :class:`jax.custom_vjp` (a ``jax.custom_vjp`` brings its own; for
+a fwd/bwd pair, ``backward(*nondiff, residuals, cotangent)`` as ``defvjp`` calls it); ``kwargs``
+are keyword arguments of the forward and the reference, held fixed. The output may be any pytree
+of real floating arrays (``(y, {"aux": a})``); the cotangent has its structure. Integer or complex
+outputs, complex checked inputs, and a forward whose outputs do not follow its inputs' dtype (a
+fixed ``.astype(jnp.float32)``, which the float64 shadow cannot run) are a ``TypeError`` naming
+``forward`` or the input, before anything runs.
 
 For a cotangent ``c`` of the output (random unless given), the manual cotangents ``Jᵀc`` are
 compared, for every floating leaf of the primals:
@@ -23,40 +35,36 @@ compared, for every floating leaf of the primals:
   is far above its epsilon, because the shadow carries them.
 
 Then the contract checks of :mod:`bpjax.testing._contracts` (linearity in ``c``, zero, vmap, two
-runs, no retrace). NaN and Inf are named before any numeric comparison, with the leaf and the first
-index: a backward that is not finite where the reference is fails its row; elements where the
-reference is not finite (an autodiff ``0 · ∞``) or where ``jax.vjp`` overflows in the working dtype
-too are left out of the comparison, and the note says how many and where.
+runs, no retrace of the backward), and with ``order=2`` the second order of
+:mod:`bpjax.testing._second_order`: the VJP of the manual VJP ``(θ, c) ↦ Jᵀc`` against
+``jax.vjp ∘ jax.vjp`` of the reference, as ``torch.autograd.gradgradcheck`` does. NaN and Inf
+are named before any numeric comparison, with the leaf and the first index: a backward that is
+not finite where the reference is fails its row; elements where the reference is not finite (an
+autodiff ``0 · ∞``) or where ``jax.vjp`` overflows in the working dtype too are left out of the
+comparison, and the note says how many and where.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bpjax._trees import cast_floats, is_float
+from bpjax._cache import jit_wrapper, memoized
+from bpjax._trees import cast_floats
 from bpjax._types import Array, ArrayTree
-from bpjax.check import (
-    CheckRow,
-    GradCheckReport,
-    GradientMismatchError,
-    _compare_arrays,
-    _memoized,
-    _to_f64_np,
-    _wrapper,
-    check_grads,
-)
+from bpjax.check import CheckRow, GradCheckReport, GradientMismatchError, check_grads
+from bpjax.check.tolerance import Tolerance, compare, measure, unit_roundoff
 from bpjax.testing import _contracts
-from bpjax.testing._tolerance import _finite_max_abs, allowed_errors, unit_roundoff
-from bpjax.testing._trees import manual_leaves, random_like
+from bpjax.testing._adapt import adapt, cotangent_for, leaf_paths, manual_vjp, output_structure
+from bpjax.testing._second_order import check_order, second_order_rows
+from bpjax.testing._trees import manual_leaves
 
 __all__ = [
     "BACKWARD_REFERENCES",
@@ -119,11 +127,10 @@ class _Fns(NamedTuple):
 
     manual: Callable[..., Any]  # (primals, c) -> (out, cotangents as returned, one per primal)
     reference_vjp: Callable[..., Any]  # (primals, c) -> (out, [cotangent of each float leaf])
-    shadow: Callable[..., Any]  # (primals, c, u) -> (manual's, reference_vjp's, ⟨c, J u⟩)
     reference: Callable[..., Any]  # (*primals) -> out, plain JAX
 
 
-@_memoized
+@memoized
 def _fns(
     forward: Callable[..., Any],
     backward: Callable[..., Any] | None,
@@ -131,21 +138,10 @@ def _fns(
     argnums: tuple[int, ...],
     where: tuple[int, ...],
 ) -> _Fns:
-    def manual(primals: tuple[Any, ...], c: ArrayTree) -> tuple[Any, Any]:
-        if backward is None:  # the function's own reverse mode, w.r.t. the checked primals
-
-            def f(*checked: Any) -> Any:
-                full = list(primals)
-                for i, value in zip(argnums, checked, strict=True):
-                    full[i] = value
-                return forward(*full)
-
-            out, pullback = jax.vjp(f, *(primals[i] for i in argnums))
-            cts = dict(zip(argnums, pullback(c), strict=True))
-            return out, tuple(cts.get(i) for i in range(len(primals)))
-        out, residuals = forward(*primals)
-        cts = backward(residuals, c)
-        return out, tuple(cts) if isinstance(cts, (tuple, list)) else (cts,)
+    # (primals, c) -> (out, cotangents): backward(forward(*primals)[1], c), or without a backward
+    # the function's own reverse mode w.r.t. the checked primals; split at the residuals so that
+    # the no_retrace contract can count the backward's traces alone
+    manual = manual_vjp(forward, backward, argnums)
 
     def of_float_leaves(primals: tuple[Any, ...]) -> tuple[Callable[..., Any], list[Array]]:
         """``reference`` as a function of the checked float leaves alone, and those leaves."""
@@ -164,14 +160,7 @@ def _fns(
         out, pullback = jax.vjp(f, float_leaves)
         return out, pullback(c)[0]
 
-    def shadow(primals: tuple[Any, ...], c: ArrayTree, u: list[Array]) -> tuple[Any, Any, Any]:
-        """Both VJPs, and ``⟨c, J u⟩`` by forward mode: its gap to ``⟨Jᵀc, u⟩`` is roundoff."""
-        f, float_leaves = of_float_leaves(primals)
-        _, tangent = jax.jvp(f, (float_leaves,), (u,))
-        terms = jax.tree.map(lambda t, ci: jnp.sum(t * ci.astype(t.dtype)), tangent, c)
-        return manual(primals, c), reference_vjp(primals, c), sum(jax.tree.leaves(terms))
-
-    return _Fns(manual, reference_vjp, shadow, reference)
+    return _Fns(manual, reference_vjp, reference)
 
 
 def _resolve_reference(
@@ -192,61 +181,24 @@ def _resolve_reference(
         return reference
     if backward is not None:
         return _first_output(forward)
-    if isinstance(forward, jax.custom_vjp):
-        return forward.fun
+    if isinstance(forward, (jax.custom_vjp, jax.custom_jvp)):
+        return forward.fun  # the undecorated function: autodiff of it ignores the custom rule
     raise TypeError(
-        "reference: forward is not a jax.custom_vjp and no backward was given, so there is no "
-        "plain-JAX forward to differentiate; pass reference=f (the same function without the "
-        "hand-written VJP), or forward/backward as the fwd/bwd pair of jax.custom_vjp.defvjp."
+        "reference: forward is not a jax.custom_vjp or jax.custom_jvp and no backward was given, "
+        "so there is no plain-JAX forward to differentiate; pass reference=f (the same function "
+        "without the hand-written VJP), or forward/backward as the fwd/bwd pair of "
+        "jax.custom_vjp.defvjp."
     )
 
 
-@_memoized
+@memoized
 def _first_output(forward: Callable[..., Any]) -> Callable[..., Any]:
     """``*primals -> forward(*primals)[0]``, the same object for the same forward (jit caches)."""
 
-    def out(*primals: Any) -> Any:
-        return forward(*primals)[0]
+    def out(*primals: Any, **kwargs: Any) -> Any:
+        return forward(*primals, **kwargs)[0]
 
     return out
-
-
-def _argnums(argnums: int | Sequence[int] | None, n: int) -> tuple[int, ...]:
-    if argnums is None:
-        return tuple(range(n))
-    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-    if not all(isinstance(i, int) and not isinstance(i, bool) and -n <= i < n for i in nums):
-        raise ValueError(f"argnums: expected positions among the {n} primals, got {argnums!r}.")
-    return tuple(sorted({i % n for i in nums}))
-
-
-def _leaf_paths(
-    forward: Callable[..., Any], primals: tuple[Any, ...], argnums: tuple[int, ...]
-) -> list[tuple[int, str]]:
-    """``(flat index, path)`` of every floating leaf of the checked primals, named by the
-    forward's parameter names."""
-    try:
-        params = list(inspect.signature(forward).parameters.values())
-    except (TypeError, ValueError):
-        params = []
-    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    names = positional if len(positional) >= len(primals) else []
-    out, flat = [], 0
-    for i, primal in enumerate(primals):
-        head = names[i] if names else f"primals[{i}]"
-        for path, leaf in jax.tree_util.tree_flatten_with_path(primal)[0]:
-            if i in argnums and is_float(leaf):
-                out.append((flat, head + jax.tree_util.keystr(path)))
-            flat += 1
-    return out
-
-
-def _unit_direction(seed: int, leaves: list[Any]) -> list[Array]:
-    """A random direction over the checked leaves, of unit Euclidean norm, in float64."""
-    rng = np.random.default_rng(seed + 2)
-    v = [rng.standard_normal(np.shape(leaf)) for leaf in leaves]
-    norm = math.sqrt(sum(float(np.sum(x**2)) for x in v)) or 1.0
-    return [jnp.asarray(x / norm) for x in v]
 
 
 def _least_precise(leaves: Sequence[Any]) -> Any:
@@ -261,6 +213,10 @@ def check_backward(
     cotangent: ArrayTree | None = None,
     reference: Callable[..., Any] | None = None,
     argnums: int | Sequence[int] | None = None,
+    static_argnums: int | Sequence[int] | None = None,
+    nondiff_argnums: int | Sequence[int] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    order: int = 1,
     references: Sequence[str] = BACKWARD_REFERENCES,
     contracts: Sequence[str] = _contracts.CONTRACTS,
     determinism_rtol: float = 0.0,
@@ -273,20 +229,39 @@ def check_backward(
     Args:
       forward: ``forward(*primals) -> (out, residuals)`` when ``backward`` is given (the ``fwd``
         of ``jax.custom_vjp.defvjp``), else ``forward(*primals) -> out`` whose reverse mode is the
-        hand-written one (a ``jax.custom_vjp`` function, :func:`bpjax.custom_vjp` of a network).
-        Its computation must follow its inputs' dtype: the float64 shadow runs it on float64
-        inputs.
+        hand-written one (a ``jax.custom_vjp`` function, :func:`bpjax.custom_vjp` of a network;
+        or a ``jax.custom_jvp`` function, whose VJP JAX transposes from its JVP rule). Its output
+        is a pytree of real floating arrays whose dtypes follow the inputs': the float64 shadow
+        runs it on float64 inputs.
       backward: ``backward(residuals, cotangent) -> cotangents``, a tuple with one cotangent per
         primal (the primal's structure and shapes; ``None`` for a primal that is not
-        differentiated, such as integer labels), or ``None``.
-      *primals: the inputs (pytrees of arrays); floating leaves are checked, others held fixed.
-      cotangent: the output cotangent ``c`` (the output's structure); random normal by default.
-      reference: ``reference(*primals) -> out`` in plain JAX, the function autodiff
+        differentiated, such as integer labels or a static value), or ``None``. With
+        ``nondiff_argnums``: ``backward(*nondiff, residuals, cotangent)``, with one cotangent per
+        other primal, as :meth:`jax.custom_vjp.defvjp` calls it.
+      *primals: the inputs (pytrees of arrays, and static values at ``static_argnums`` and
+        ``nondiff_argnums``); floating leaves are checked, others held fixed.
+      cotangent: the output cotangent ``c`` (the output's structure, shapes and dtypes); random
+        normal by default.
+      reference: ``reference(*primals, **kwargs) -> out`` in plain JAX, the function autodiff
         differentiates; defaults to ``forward(*primals)[0]`` when ``backward`` is given and to
-        ``forward.fun`` for a ``jax.custom_vjp``.
-      argnums: the positions of the primals to check (their floating leaves); default all. The
-        others (float targets the backward does not differentiate) are held fixed, and the
-        backward's cotangents for them are not looked at.
+        ``forward.fun`` for a ``jax.custom_vjp`` or ``jax.custom_jvp``.
+      argnums: the positions of the primals to check (their floating leaves); default all but
+        the static ones. The others (float targets the backward does not differentiate) are held
+        fixed, and the backward's cotangents for them are not looked at.
+      static_argnums: positions of primals that are Python values (a callable, a float that
+        selects a branch, a string): passed to the functions as they are, never converted to
+        arrays nor traced, and not checked. They must be hashable (``jax.jit`` caches on them).
+      nondiff_argnums: the positions :class:`jax.custom_vjp` calls non-differentiable, for a
+        fwd/bwd pair: static like ``static_argnums``, and passed to ``backward`` first. A
+        ``jax.custom_vjp`` or ``jax.custom_jvp`` checked with ``backward=None`` brings its own
+        (giving other positions is a ``ValueError``).
+      kwargs: keyword arguments of ``forward`` and ``reference`` (not of ``backward``), held
+        fixed: a value whose leaves are all arrays is passed as arrays (cast to float64 in the
+        shadow like the primals), any other value as it is (static, hashable).
+      order: 1 checks the VJP; 2 also its own VJP, w.r.t. the checked primals and the cotangent
+        (rows ``<argument>`` and ``cotangent<path>`` against ``jax.vjp∘jax.vjp (order 2)``; see
+        :mod:`bpjax.testing._second_order`). The backward must then be differentiable by JAX (its
+        ``jnp`` code, or a ``jax.custom_vjp`` of its own: a hand-written HVP).
       references: which of :data:`BACKWARD_REFERENCES` to compare with.
       contracts: which of :data:`bpjax.testing.CONTRACTS` to check.
       determinism_rtol: the ``deterministic`` contract's tolerance, relative to the largest
@@ -294,7 +269,7 @@ def check_backward(
       directions: random unit directions per leaf for the ``jvp`` and ``finite_diff`` rows.
       seed: seeds the cotangent, the directions and the contracts' extra inputs.
       jit: run everything under ``jax.jit`` (``False``: eagerly; the ``no_retrace`` contract
-        calls the backward both ways).
+        calls the backward both ways, and counts only the backward's traces when called eagerly).
 
     Returns:
       A :class:`BackwardReport`; it never raises on a mismatch (see
@@ -302,8 +277,14 @@ def check_backward(
       ``params[0]['W']``; the reference column says which check.
 
     Raises:
-      TypeError: a function argument is not callable, or no reference can be found.
-      ValueError: an unknown name in ``references`` or ``contracts``, or no floating leaf.
+      TypeError: a function argument is not callable, or no reference can be found; misused
+        ``static_argnums``, ``nondiff_argnums`` or ``kwargs`` (not ints, not a dict, an
+        unhashable static value), a primal leaf that is not an array (pass ``static_argnums``), a
+        complex checked input; an integer, complex or fixed-dtype output of ``forward``.
+      ValueError: an unknown name in ``references`` or ``contracts``, no floating leaf, positions
+        out of range or static ones in ``argnums``, ``nondiff_argnums`` that differ from a
+        ``jax.custom_vjp``'s own, a ``cotangent`` not of the output's structure, shapes and
+        dtypes, an ``order`` other than 1 or 2.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -321,46 +302,42 @@ def check_backward(
     """
     _check_names("references", references, BACKWARD_REFERENCES)
     _check_names("contracts", contracts, _contracts.CONTRACTS)
-    ref_fn = _resolve_reference(forward, backward, reference)
-    primals = tuple(jax.tree.map(jnp.asarray, primals))
-    nums = _argnums(argnums, len(primals))
-    paths = _leaf_paths(forward, primals, nums)
+    order = check_order(order)
+    # the user's form (static and keyword arguments, nondiff_argnums) bound into the functions:
+    # from here on every primal is a pytree of arrays (see bpjax.testing._adapt)
+    form = adapt(
+        forward, backward, _resolve_reference(forward, backward, reference), primals,
+        argnums=argnums, static_argnums=static_argnums, nondiff_argnums=nondiff_argnums,
+        kwargs=kwargs,
+    )  # fmt: skip
+    ref_fn, primals, nums = form.reference, form.primals, form.argnums
+    paths = leaf_paths(form.names, primals, nums)
     if not paths:
         raise ValueError(
             f"primals: no floating leaf to differentiate with respect to among {len(primals)} "
             f"primals (argnums={argnums!r})."
         )
-    fns = _fns(forward, backward, ref_fn, nums, tuple(i for i, _ in paths))
+    fns = _fns(form.forward, form.backward, ref_fn, nums, tuple(i for i, _ in paths))
     flat_primals = jax.tree.leaves(primals)
     dtype = _least_precise([flat_primals[i] for i, _ in paths])
-    wrap = _wrapper(jit)
+    wrap = jit_wrapper(jit)
 
-    out = jax.eval_shape(ref_fn, *primals)
-    if not all(is_float(x) for x in jax.tree.leaves(out)):
-        raise TypeError("forward: expected floating outputs (the cotangent is floating).")
-    c = random_like(np.random.default_rng(seed), out) if cotangent is None else cotangent
+    c = cotangent_for(output_structure(ref_fn, primals), cotangent, seed)
 
     _, cts = wrap(fns.manual)(primals, c)  # the contracts run the same compiled function
-    _, ref_work = wrap(fns.reference_vjp)(primals, c)
     manual, problem = manual_leaves(cts, primals)
+    # the one tolerance engine: each leaf against the float64 shadow's jax.vjp, within the
+    # roundoff measured for jax.vjp in the working dtype (bpjax.check.tolerance)
+    measured = measure(
+        _cotangents_of(fns.reference_vjp), primals, (c,), dtype=dtype, wrap=wrap, seed=seed
+    )
+    ref64, tols = measured.truth["cotangents"], measured.tolerances["cotangents"]
+    autodiff = measured.autodiff.get("cotangents")
+    allowed = [t.max_abs for t in tols]
+    kappa = [t.roundoff / unit_roundoff(dtype) for t in tols]
     with jax.enable_x64(True):
         primals64, c64 = cast_floats(primals, jnp.float64), cast_floats(c, jnp.float64)
-        u = _unit_direction(seed, [flat_primals[i] for i, _ in paths])
-        (_, cts64), (_, ref64), jvp64 = wrap(fns.shadow)(primals64, c64, u)
-        ref64 = [_to_f64_np(r) for r in ref64]
-    # the float64 roundoff of this computation: forward and reverse mode disagree by about as much
-    vjp_u = sum(float(np.sum(r * np.asarray(v))) for r, v in zip(ref64, u, strict=True))
-    gap = abs(float(jvp64) - vjp_u)
-    kappa64 = gap / unit_roundoff(jnp.float64) if math.isfinite(gap) else 0.0
-    measured_dtype = dtype if dtype != jnp.float64 else jnp.dtype(jnp.float32)
-    if measured_dtype != dtype:
-        low = cast_floats(primals, measured_dtype), cast_floats(c, measured_dtype)
-        ref_work = wrap(fns.reference_vjp)(*low)[1]
-    measured = [_to_f64_np(r) for r in ref_work]
-    allowed, kappa = allowed_errors(ref64, measured, dtype=dtype, measured_dtype=measured_dtype)
-    allowed64, _ = allowed_errors(
-        ref64, measured, dtype=jnp.float64, measured_dtype=measured_dtype, kappa_floor=kappa64
-    )
+        _, cts64 = wrap(fns.manual)(primals64, c64)
 
     names = [path for _, path in paths]
     rows: list[CheckRow] = []
@@ -374,19 +351,23 @@ def check_backward(
 
     if "jax.vjp" in references:
         if dtype != jnp.float64:
-            same_dtype = measured if measured_dtype == dtype else None
-            rows += _vjp_rows(names, manual, ref64, allowed, "jax.vjp", autodiff=same_dtype)
-        rows += _vjp_rows(names, manual64, ref64, allowed64, f"jax.vjp, {_SHADOW}", shadow=True)
+            rows += _vjp_rows(names, manual, ref64, tols, "jax.vjp", autodiff=autodiff)
+        rows += _vjp_rows(names, manual64, ref64, tols, f"jax.vjp, {_SHADOW}", shadow=True)
     directional = [r for r in references if r != "jax.vjp"]
     if directional:
         rows += _directional_rows(
-            fns, primals64, c64, manual64, allowed64, names, paths, directional,
+            fns, primals64, c64, manual64, tols, names, paths, directional,
             directions=directions, seed=seed, jit=jit,
         )  # fmt: skip
     inputs = _contracts.Inputs(primals, c, [i for i, _ in paths], names, allowed, seed)
     rows += _contracts.check(
         fns.manual, inputs, contracts, wrap=wrap, determinism_rtol=determinism_rtol,
     )  # fmt: skip
+    if order == 2:
+        rows += second_order_rows(
+            fns.manual, ref_fn, primals, c, [i for i, _ in paths], names,
+            dtype=dtype, jit=jit, seed=seed,
+        )  # fmt: skip
     return _report(rows, dtype, allowed, names, kappa, ref64)
 
 
@@ -413,7 +394,9 @@ def _report(
         0.0,
         max(allowed, default=0.0),
         kappa=tuple(zip(names, kappa, strict=True)),
-        scale=max((_finite_max_abs(r) for r in reference), default=0.0),
+        scale=max(
+            (float(np.max(np.abs(r[np.isfinite(r)]), initial=0.0)) for r in reference), default=0.0
+        ),
     )
 
 
@@ -421,7 +404,7 @@ def _vjp_rows(
     names: list[str],
     manual: list[Any],
     reference: list[np.ndarray],
-    allowed: list[float],
+    tols: list[Tolerance],
     label: str,
     *,
     shadow: bool = False,
@@ -429,37 +412,34 @@ def _vjp_rows(
 ) -> list[CheckRow]:
     """Each leaf's manual cotangent against the float64 shadow's ``jax.vjp``.
 
-    Where ``autodiff`` (``jax.vjp`` in the working dtype) is not finite too, the dtype cannot hold
-    the computation, whoever runs it; where the reference is not finite and the backward is (an
-    autodiff ``0 · ∞``), nothing can check the backward: those elements are left out of the
-    comparison and the note names the first. Elsewhere a non-finite element of the backward fails
-    the row, naming the first index.
+    Both the backward run in the working dtype and the same backward run in float64 are held to
+    the working dtype's allowance: a float32 check judges at float32's accuracy. Undefined
+    reference elements are reported, not judged; a manual NaN where ``jax.vjp`` in the working
+    dtype (``autodiff``) is not finite either is the dtype overflowing, also left out.
     """
     rows = []
-    for k, (name, m, r, a) in enumerate(zip(names, manual, reference, allowed, strict=True)):
+    for k, (name, m, r, tol) in enumerate(zip(names, manual, reference, tols, strict=True)):
         if m is None:
             rows.append(CheckRow(name, label, math.nan, math.nan, None, False,
                                  note="backward returned None for a floating input"))  # fmt: skip
             continue
-        m, notes = _to_f64_np(m), []
-        if m.shape == r.shape:
-            masks = [(np.isfinite(m) & ~np.isfinite(r), "the reference is not finite where the "
-                      "backward is: unverifiable there")]  # fmt: skip
-            if autodiff is not None:
-                masks.append((~np.isfinite(m) & ~np.isfinite(autodiff[k]), "not finite, as "
-                              "jax.vjp is in the same dtype: the dtype overflows"))  # fmt: skip
-            for mask, why in masks:
-                if mask.any():
-                    first = tuple(int(i) for i in np.argwhere(mask)[0])
-                    notes.append(f"{int(mask.sum())} elements (first {first}) {why}, left out")
-                    m, r = np.where(mask, 0.0, m), np.where(mask, 0.0, r)
-        note = "; ".join(notes)
-        row = _compare_arrays(name, label, m, r, rtol=0.0, atol=a)
-        if not math.isfinite(a) and not row.note:
-            note = "jax.vjp in a lower precision overflows here: roundoff unmeasured, not compared"
+        overflow = None
+        if autodiff is not None and np.shape(autodiff[k]) == np.shape(r):
+            overflow = ~np.isfinite(autodiff[k]) & np.isfinite(r)
+        row = compare(name, label, m, r, tol, overflow=overflow)
         default = "the backward run in float64" if shadow else "against the float64 shadow"
-        rows.append(row._replace(allowed=a, note=row.note or note or default))
+        rows.append(row._replace(note=row.note or default))
     return rows
+
+
+@memoized
+def _cotangents_of(reference_vjp: Callable[..., Any]) -> Callable[..., dict[str, Any]]:
+    """``(primals, c) -> {"cotangents": [Jᵀc of each checked leaf]}`` for the tolerance engine."""
+
+    def cotangents(primals: tuple[Any, ...], c: ArrayTree) -> dict[str, Any]:
+        return {"cotangents": list(reference_vjp(primals, c)[1])}
+
+    return cotangents
 
 
 def _directional_rows(
@@ -467,7 +447,7 @@ def _directional_rows(
     primals64: tuple[Any, ...],
     c64: ArrayTree,
     manual64: list[Any],
-    allowed64: list[float],
+    tols: list[Tolerance],
     names: list[str],
     paths: list[tuple[int, str]],
     references: list[str],
@@ -480,7 +460,7 @@ def _directional_rows(
 
     In the float64 shadow, the scalar ``s(θ) = ⟨c, f(θ)⟩`` has the gradient ``Jᵀc``: the manual
     cotangents are its hand-written gradient. A unit direction ``u`` on a leaf gets
-    ``|⟨Δ, u⟩| ≤ ‖Δ‖₂ ≤ √n · max |Δ|``, so the rows allow the largest leaf's ``√n · allowed``.
+    ``|⟨Δ, u⟩| ≤ ‖Δ‖₂``, so each leaf's rows allow its own norm allowance (in the working dtype).
     """
     with jax.enable_x64(True):
         flat, treedef = jax.tree.flatten(primals64)
@@ -488,9 +468,7 @@ def _directional_rows(
         others = [flat[i] for i in range(len(flat)) if i not in where]
         float_leaves = [flat[i] for i in where]
         grads = [jnp.asarray(g, jnp.float64) for g in manual64]
-        sizes = [max(int(np.size(g)), 1) for g in grads]
-        finite = [math.sqrt(n) * a for n, a in zip(sizes, allowed64, strict=True)]
-        atol = max((a for a in finite if math.isfinite(a)), default=0.0)
+        atol = [t.norm for t in tols]
         manual_s, reference_s = _scalar_fns(fns.reference, treedef, where)
         report = check_grads(
             manual_s, reference_s, float_leaves, c64, others, grads,
@@ -500,19 +478,18 @@ def _directional_rows(
     by_path = {f"[{k}]": name for k, name in enumerate(names)}
     labels = {"jvp": "jvp: ⟨c, J u⟩ = ⟨Jᵀc, u⟩", "finite_diff": "finite_diff", "taylor": "taylor"}
     rows = []
-    unmeasured = {name for name, a in zip(names, allowed64, strict=True) if not math.isfinite(a)}
+    unmeasured = {name for name, t in zip(names, tols, strict=True) if not math.isfinite(t.norm)}
     for row in report.rows:
         if row.path not in by_path:  # the value row: ⟨c, f⟩ against itself
             continue
-        allowed = atol if row.reference == "jvp" else None
-        row = row._replace(path=by_path[row.path], reference=labels[row.reference], allowed=allowed)
+        row = row._replace(path=by_path[row.path], reference=labels[row.reference])
         if row.path in unmeasured and not row.passed:
             row = row._replace(passed=True, note="roundoff unmeasured (see the jax.vjp row)")
         rows.append(row)
     return rows
 
 
-@_memoized
+@memoized
 def _scalar_fns(
     reference: Callable[..., Any], treedef: Any, where: tuple[int, ...]
 ) -> tuple[Callable[..., Any], Callable[..., Any]]:

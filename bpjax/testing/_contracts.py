@@ -13,7 +13,9 @@ zero            ``bwd(0) = 0``                                          ``a_i``
 vmap            ``vmap(bwd)`` over 3 examples equals a loop over them    ``2 a_i``
 deterministic   two runs on the same inputs give the same cotangents    ``rtol · M``
 no_retrace      a second call of the same shapes (other values) does    no new trace
-                not trace again, under ``jax.jit`` or called as it is
+                not trace again: the whole VJP under ``jax.jit``; the
+                backward alone called as it is (not the forward: an
+                eager ``while_loop`` or ``scan`` retraces by design)
 ==============  ======================================================  ==================
 
 A backward that adds a constant fails ``linear``, ``additive`` and ``zero``; one that normalises or
@@ -33,9 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bpjax._cache import cached_jit, memoized
 from bpjax._trees import is_float, to_dtype
 from bpjax._types import ArrayTree
-from bpjax.check import CheckRow, _cached_jit, _compare_arrays, _memoized, _to_f64_np
+from bpjax.check import CheckRow
+from bpjax.check.tolerance import compare, explicit_tolerance, to_f64
+from bpjax.testing._adapt import ManualVJP
 from bpjax.testing._trees import host_map, manual_leaves, random_like
 
 __all__ = ["CONTRACTS"]
@@ -118,7 +123,7 @@ def _leaves(cts: tuple[Any, ...], primals: tuple[Any, ...], where: list[int]) ->
     out = []
     for i in where:
         leaf = None if leaves is None else leaves[i]
-        out.append(np.zeros(np.shape(flat[i])) if leaf is None else _to_f64_np(leaf))
+        out.append(np.zeros(np.shape(flat[i])) if leaf is None else to_f64(leaf))
     return out
 
 
@@ -126,7 +131,7 @@ def _stack(trees: list[ArrayTree]) -> ArrayTree:
     return jax.tree.map(lambda *xs: jnp.asarray(np.stack([np.asarray(x) for x in xs])), *trees)
 
 
-@_memoized
+@memoized
 def _vmapped(manual: Callable[..., Any]) -> Callable[..., Any]:
     return jax.vmap(manual)
 
@@ -160,7 +165,7 @@ def _rows(
     rows = []
     for name, g, e, a in zip(inputs.names, got, expected, inputs.allowed, strict=True):
         allowed = factor * a if atol is None else atol
-        row = _compare_arrays(name, label, g, e, rtol=0.0, atol=allowed)
+        row = compare(name, label, g, e, explicit_tolerance(0.0, allowed))
         if contract == "vmap" and not row.note:
             row = row._replace(note=f"{_VMAP_EXAMPLES} examples; the first index is the example")
         rows.append(row._replace(allowed=allowed))
@@ -189,16 +194,26 @@ def _traces(fn: Callable[..., Any], *args: Any) -> int:
 def _retrace_row(manual: Callable[..., Any], examples: list[tuple[Any, Any]]) -> CheckRow:
     """A second call with the same shapes and other values traces nothing, jitted or not.
 
-    Under the check's ``jax.jit`` a retrace means unstable static metadata (a pytree's
-    ``aux_data``, a weak type); called as it is, it means the backward builds a new ``jax.jit``
-    function (or passes changing static arguments) on every call, and so compiles every step.
+    Under the check's ``jax.jit`` the forward and the backward are one function, traced once: a
+    retrace means unstable static metadata (a pytree's ``aux_data``, a weak type). Called as it is,
+    only the backward is counted (a :class:`~bpjax.testing._adapt.ManualVJP` is run in its two
+    halves): the forward runs first, outside the count, because an eager ``lax.while_loop``,
+    ``lax.scan`` or ``shard_map`` traces its body on every call by design. A retrace there means
+    the backward builds a new ``jax.jit`` function (or passes changing static arguments) on every
+    call, and so compiles every step.
     """
-    retraces = []
-    for name, fn in (("under jax.jit", _cached_jit(manual)), ("called as it is", manual)):
-        fn(*examples[1])  # two inputs made alike (device arrays from the host), values apart
-        again = _traces(fn, *examples[2])
-        if again:
-            retraces.append(f"{name}: {again} new traces")
+    (p1, c1), (p2, c2) = examples[1], examples[2]  # made alike (device arrays), values apart
+    jitted = cached_jit(manual)
+    jitted(p1, c1)
+    counts = [("under jax.jit", _traces(jitted, p2, c2))]
+    if isinstance(manual, ManualVJP):
+        manual.backward(manual.forward(p1)[1], c1)
+        _, state = manual.forward(p2)  # the forward's traces are not the backward's
+        counts.append(("called as it is", _traces(manual.backward, state, c2)))
+    else:
+        manual(p1, c1)
+        counts.append(("called as it is", _traces(manual, p2, c2)))
+    retraces = [f"{name}: {again} new traces" for name, again in counts if again]
     note = (
         "; ".join(retraces) + " in the second call of the same shapes"
         if retraces
