@@ -446,6 +446,14 @@ def test_check_network_names_a_wrong_params_gradient(x64):
     assert "params gradient of layer 2 (Layer) is wrong" in report.summary()
 
 
+def test_check_network_names_a_user_layer_by_the_name_it_was_given(x64):
+    named = _scale_layer(grad_factor=1.001)._replace(name="gain")
+    net = _scale_net(named)
+    report = bp.check_network(net, *_scale_data(net), references=("jax.grad",))
+    assert report.layer_names == ("Dense", "gain", "Dense", "Dense")
+    assert "params gradient of layer 2 (gain) is wrong" in report.summary()
+
+
 @pytest.mark.slow
 def test_check_network_on_sequence_outputs_and_a_training_key(x64):
     def noisy(params, x, *, key=None):

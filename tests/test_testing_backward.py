@@ -215,7 +215,8 @@ def test_a_reference_nan_is_named_and_left_out_where_the_backward_is_finite():
     report = check_backward(xlogx_fwd_naive, xlogx_bwd, x, **options)
     assert report.ok, report
     vjp = [row for row in report.rows if row.reference.startswith("jax.vjp")]
-    assert all("1 of 3 elements (first (0,)) where the reference is undefined" in r.note for r in vjp)
+    undefined = "1 of 3 elements (first (0,)) where the reference is undefined"
+    assert all(undefined in r.note for r in vjp)
     assert check_backward(xlogx_fwd, xlogx_bwd, x, **options).ok  # the safe forward: all compared
 
 
@@ -250,7 +251,7 @@ def test_allowed_errors_follow_the_formula():
                                     measured_dtype=jnp.float32)  # fmt: skip
     u = unit_roundoff(jnp.bfloat16)
     assert kappa[0] == pytest.approx(8.0) and kappa[1] == np.inf
-    # C_MEASURED · κ u (the measured error in bfloat16's units) + C_UNIT · u · max |r|, per leaf
+    # C_ELEMENT · κ u (the measured error in bfloat16's units) + C_UNIT · u · max |r|, per leaf
     assert allowed[0] == pytest.approx(u * (4 * 8.0 + 4 * 4.0)) and allowed[1] == np.inf
 
 

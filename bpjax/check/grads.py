@@ -239,7 +239,7 @@ def check_grads(
         if not callable(fn):
             raise TypeError(f"{name}: expected a function, got {type(fn).__name__}.")
     named_leaves = _check_params(params)
-    paths = [path for path, _ in named_leaves]
+    paths = [path or "params" for path, _ in named_leaves]  # a bare array is the root leaf
     p_leaves = [leaf for _, leaf in named_leaves]
     treedef = jax.tree.structure(params)
     dtype = least_precise(p_leaves)
@@ -434,11 +434,12 @@ def _line_row(
     eps = float(np.finfo(np.float64).eps)
     f, s, f0 = lines.along[i], lines.steps[i], lines.f0
     if name == "finite_diff":
-        h = s[0]
-        d_h = (f[:, 0] - f[:, 1]) / (2 * h)
-        d_2h = (f[:, 2] - f[:, 3]) / (4 * h)
-        # Richardson: D(2h) − D(h) ≈ 3 c h²; roundoff ≈ ε |f| / h
-        method = _FD_SAFETY * (np.abs(d_2h - d_h) / 3 + eps * abs(f0) / h)
+        h = float(s[0])
+        with np.errstate(invalid="ignore", over="ignore"):  # an undefined f is reported, not judged
+            d_h = (f[:, 0] - f[:, 1]) / (2 * h)
+            d_2h = (f[:, 2] - f[:, 3]) / (4 * h)
+            # Richardson: D(2h) − D(h) ≈ 3 c h²; roundoff ≈ ε |f| / h
+            method = _FD_SAFETY * (np.abs(d_2h - d_h) / 3 + eps * abs(f0) / h)
         if not math.isfinite(f0):
             d_h = np.full_like(d_h, math.nan)
         return compare_directions(

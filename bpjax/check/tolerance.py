@@ -23,17 +23,22 @@ computation:
 
 The allowance of leaf ``i`` is
 
-    ‖g_i − t_i‖₂ ≤ C_MEASURED · e_i + C_UNIT · u · ‖t_i‖₂     and
-    max |g_i − t_i| ≤ C_MEASURED · m_i + C_UNIT · u · max |t_i|
+    ‖g_i − t_i‖₂ ≤ C_NORM · e_i + C_UNIT · u · ‖t_i‖₂     and
+    max |g_i − t_i| ≤ C_ELEMENT · m_i + C_UNIT · u · max |t_i|
 
-with ``C_MEASURED = 4`` (another summation order rounds differently; across three runs the largest
-of autodiff's errors is rarely a quarter of another order's) and ``C_UNIT = 4`` (a backward may
-round its result a few more times than autodiff does). The manual
+with ``C_NORM = 2``, ``C_ELEMENT = 4`` and ``C_UNIT = 4``. Another summation order rounds
+differently, but over a leaf's elements the two error norms are alike: over 242 leaves of 40
+random bfloat16 MLPs and 496 leaves of 80 float32 ones, the correct backward's ``‖g_i − t_i‖`` was
+at most 1.8× (bfloat16) and 4.1× (float32, leaves of 1–3 elements, errors of a few ulps) the
+largest of autodiff's three, and every such case sat under ``2 e_i + 2u ‖t_i‖``; ``C_UNIT = 4``
+doubles that floor (a backward may round its result a few more times than autodiff). A single
+element's error is an extreme over the leaf, hence the wider ``C_ELEMENT``. The manual
 gradient is judged against the float64 truth, never against working-precision autodiff, so a
 backward *more* accurate than autodiff passes; and a float32 check is held to float32's accuracy,
 never to float64's. A planted error of relative size ``ρ`` on a leaf is caught when ``ρ`` exceeds
-``4 e_i / ‖t_i‖ + 4u``: in float32 that is ``ρ ≳ 1e-6`` for a well-conditioned leaf, and in
-bfloat16 a few percent.
+``2 e_i / ‖t_i‖ + 4u``: in float32 that is ``ρ ≳ 1e-6`` for a well-conditioned leaf, and in
+bfloat16 about 3% for the median leaf; a leaf whose own roundoff in the working dtype is a large
+fraction of the bug cannot be judged by any checker.
 
 Directional references (forward mode, finite differences, the Taylor remainder) compare
 ``⟨g_i, v⟩`` along unit directions ``v``: by Cauchy–Schwarz ``|⟨g_i − t_i, v⟩| ≤ ‖g_i − t_i‖₂``, so
@@ -64,7 +69,8 @@ from bpjax._trees import cast_floats, is_float, to_dtype
 from bpjax.check.report import CheckRow
 
 __all__ = [
-    "C_MEASURED",
+    "C_ELEMENT",
+    "C_NORM",
     "C_UNIT",
     "SAMPLES",
     "Measured",
@@ -78,8 +84,11 @@ __all__ = [
     "unit_roundoff",
 ]
 
-C_MEASURED = 4.0
-"""The factor of the measured roundoff of working-precision autodiff in the allowance."""
+C_NORM = 2.0
+"""The factor of autodiff's measured ``‖r̂ − t‖`` in a leaf's norm allowance."""
+
+C_ELEMENT = 4.0
+"""The factor of autodiff's measured ``max |r̂ − t|`` in a leaf's elementwise allowance."""
 
 C_UNIT = 4.0
 """The units of roundoff of the result itself in the allowance."""
@@ -200,8 +209,8 @@ def derive_tolerances(
             t_norm = t_max = fallback
         out.append(
             Tolerance(
-                max_abs=C_MEASURED * e_max + C_UNIT * u * t_max,
-                norm=C_MEASURED * e_norm + C_UNIT * u * t_norm,
+                max_abs=C_ELEMENT * e_max + C_UNIT * u * t_max,
+                norm=C_NORM * e_norm + C_UNIT * u * t_norm,
                 roundoff=e_norm,
             )
         )

@@ -43,6 +43,8 @@ class Layer(NamedTuple):
     """Whether ``forward`` takes ``key=`` (a PRNG key in training, ``None`` in evaluation)."""
     integer_input: bool = False
     """Whether the layer takes integer inputs (indices); its ``backward`` returns ``dx=None``."""
+    name: str = ""
+    """What reports call the layer (``check_network``'s summary); its type's name when empty."""
 
 
 _LAYER_METHODS = ("init", "forward", "backward")

@@ -4,7 +4,7 @@
 one measurement you made yourself: the float64 truth ``r_i`` of each leaf and the same quantity
 computed in a lower precision. Leaf ``i`` is allowed
 
-    max |g_i − r_i| ≤ C_MEASURED · max |r̂_i − r_i| · u / u_m + C_UNIT · u · max |r_i|
+    max |g_i − r_i| ≤ C_ELEMENT · max |r̂_i − r_i| · u / u_m + C_UNIT · u · max |r_i|
 
 (``u`` the unit roundoff of the dtype the allowance is for, ``u_m`` that of the measured dtype;
 a leaf whose truth is exactly zero is held at the scale of the largest leaf), never scaled by
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from bpjax.check.tolerance import C_MEASURED, derive_tolerances, unit_roundoff
+from bpjax.check.tolerance import C_ELEMENT, derive_tolerances, unit_roundoff
 
 __all__ = ["allowed_errors", "unit_roundoff"]
 
@@ -59,7 +59,7 @@ def allowed_errors(
     refs = [np.asarray(r, np.float64) for r in reference]
     errors = [np.asarray(m, np.float64) - r for m, r in zip(measured, refs, strict=True)]
     tols = derive_tolerances(refs, [errors], dtype=dtype, measured_dtype=measured_dtype)
-    floor = C_MEASURED * u * kappa_floor
+    floor = C_ELEMENT * u * kappa_floor
     allowed = [t.max_abs + floor for t in tols]
     kappa = [
         math.inf if not math.isfinite(t.max_abs) else float(np.max(np.abs(e), initial=0.0)) / u_m
