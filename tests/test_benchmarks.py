@@ -199,3 +199,26 @@ def test_bench_extend_cli_keeps_working_and_takes_pause():
     args = bench_extend.parse_args(["--sizes", "8,16,4@8", "--pause", "0.5"])
     assert args.pause == 0.5 and args.sizes[0].sizes == (8, 16, 4)
     assert bench_extend.parse_args([]).pause is None
+
+
+def test_harness_campaign_plants_bugs_of_the_stated_size_and_counts_them():
+    from benchmarks import harness_campaign as campaign
+
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((3, 4))
+    element = campaign.bug_of("element", 1e-3, g, rng)["add"]
+    assert np.count_nonzero(element) == 1
+    assert np.linalg.norm(element) == pytest.approx(1e-3 * np.linalg.norm(g), rel=1e-12)
+    assert campaign.bug_of("scale", 0.05, g, rng) == {"mult": 1.05}
+    assert campaign.bug_of("zero", 1.0, g, rng) == {"mult": 0.0}
+    record = {"checker": "check_grads", "kind": "scale", "skipped": False}
+    records = [
+        {**record, "caught": True, "uncatchable": False},
+        {**record, "caught": False, "uncatchable": True},
+        {**record, "caught": False, "uncatchable": False, "leaf_max_over_tree_max": 0.05},
+        {**record, "skipped": True, "caught": False, "uncatchable": False},
+    ]
+    assert campaign.tally(records)["check_grads / scale"] == {
+        "planted": 3, "caught": 1, "missed": 1, "uncatchable": 1, "skipped": 1,
+        "missed_small_leaf": 1,
+    }  # fmt: skip

@@ -511,3 +511,14 @@ def test_order_2_bad_input():
     serial = bp.serial(Dense(3, "softmax"), loss="cross_entropy", input_shape=(2,))
     with pytest.raises(TypeError, match="key: order=2"):
         bp.check_network(serial, params, x, y, order=2, key=jax.random.key(0))
+
+
+def test_a_report_says_when_parts_were_not_judged(x64):
+    """A NaN params element makes the reference undefined there: passed, but not silently."""
+    p, x = _params()
+    p = {"w": p["w"].at[0].set(jnp.nan), "v": p["v"]}
+    report = bp.check_grads(right, f, p, x, references=("jax.grad",))
+    assert report.ok
+    assert "not judged" in report.summary()
+    (row,) = [r for r in report.rows if r.path == "['w']"]
+    assert row.note.startswith("1 of 3 elements (first (0,)) where the reference is undefined")

@@ -114,7 +114,9 @@ class GradCheckReport:
     def summary(self) -> str:
         """One paragraph: all good, or where the first disagreement is and what it points to."""
         if self.ok:
-            return f"all {len(self.rows)} checks passed ({self._tolerance_text()})."
+            unjudged = sum("not judged" in row.note for row in self.rows)
+            partly = f"; {unjudged} with parts not judged (see their notes)" if unjudged else ""
+            return f"all {len(self.rows)} checks passed ({self._tolerance_text()}){partly}."
         lines = [
             f"{len(self.failures)} of {len(self.rows)} checks failed ({self._tolerance_text()}); "
             "failing: " + ", ".join(self.failing_paths) + "."

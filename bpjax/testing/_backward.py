@@ -60,6 +60,7 @@ from bpjax._cache import jit_wrapper, memoized
 from bpjax._trees import cast_floats
 from bpjax._types import Array, ArrayTree
 from bpjax.check import CheckRow, GradCheckReport, GradientMismatchError, check_grads
+from bpjax.check.grads import least_precise
 from bpjax.check.tolerance import Tolerance, compare, measure, unit_roundoff
 from bpjax.testing import _contracts
 from bpjax.testing._adapt import adapt, cotangent_for, leaf_paths, manual_vjp, output_structure
@@ -101,9 +102,11 @@ class BackwardReport(GradCheckReport):
     def summary(self) -> str:
         """One line: all good, or which checks failed on which leaves."""
         if self.ok:
+            unjudged = sum("not judged" in row.note for row in self.rows)
+            partly = f"; {unjudged} with parts not judged (see their notes)" if unjudged else ""
             return (
                 f"all {len(self.rows)} checks passed ({self.dtype}; allowed errors derived from "
-                "the float64 shadow)."
+                f"the float64 shadow){partly}."
             )
         failed: dict[str, list[str]] = {}
         for row in self.failures:
@@ -199,11 +202,6 @@ def _first_output(forward: Callable[..., Any]) -> Callable[..., Any]:
         return forward(*primals, **kwargs)[0]
 
     return out
-
-
-def _least_precise(leaves: Sequence[Any]) -> Any:
-    dtypes = [jnp.dtype(jnp.result_type(x)) for x in leaves]
-    return max(dtypes, key=lambda d: float(jnp.finfo(d).eps), default=jnp.dtype(jnp.float32))
 
 
 def check_backward(
@@ -319,7 +317,7 @@ def check_backward(
         )
     fns = _fns(form.forward, form.backward, ref_fn, nums, tuple(i for i, _ in paths))
     flat_primals = jax.tree.leaves(primals)
-    dtype = _least_precise([flat_primals[i] for i, _ in paths])
+    dtype = least_precise([flat_primals[i] for i, _ in paths])
     wrap = jit_wrapper(jit)
 
     c = cotangent_for(output_structure(ref_fn, primals), cotangent, seed)

@@ -9,6 +9,7 @@ import numpy as np
 
 from bpjax._trees import to_dtype
 from bpjax._types import ArrayTree
+from bpjax.check.grads import first_difference
 
 
 def manual_leaves(cts: tuple[Any, ...], primals: tuple[Any, ...]) -> tuple[list[Any] | None, str]:
@@ -27,7 +28,7 @@ def manual_leaves(cts: tuple[Any, ...], primals: tuple[Any, ...]) -> tuple[list[
             continue
         got = jax.tree.structure(ct, is_leaf=lambda x: x is None)
         if got != expected:
-            return None, f"cotangent {i} has structure {got}, expected {expected}"
+            return None, f"cotangent {i} {first_difference(ct, primal)}"
         leaves += jax.tree.leaves(ct, is_leaf=lambda x: x is None)
     return leaves, ""
 
