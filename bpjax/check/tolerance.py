@@ -299,8 +299,7 @@ def measure(
             for k in truth:
                 errors[k].append([m - t for m, t in zip(moved[k], truth[k], strict=True)])
     tolerances = {
-        k: derive_tolerances(truth[k], errors[k], dtype=dtype, measured_dtype=dtype)
-        for k in truth
+        k: derive_tolerances(truth[k], errors[k], dtype=dtype, measured_dtype=dtype) for k in truth
     }
     return Measured(truth, autodiff, tolerances)
 
