@@ -627,7 +627,8 @@ def _parser() -> argparse.ArgumentParser:
             "The table shows, per case, the worst norm-relative error ‖g − g_ref‖/‖g_ref‖ over "
             "the leaves for each reference (directional ones relative to ‖∇f‖), the smallest "
             "observed Taylor order (2 is right, 1 is a wrong gradient), and red where a check "
-            "failed (a row passes on rtol or on atol; see bpjax.check). "
+            "failed (each leaf within its own allowance, derived from the roundoff autodiff "
+            "shows in that dtype against float64; see bpjax.check.tolerance). "
             "Example: bpjax check --sizes 8,16,16,4 --dtype float64 --activations tanh,relu"
         ),
     )
@@ -903,8 +904,9 @@ def _check(args: argparse.Namespace) -> int:
     caption = (
         f"batch {args.batch}, seed {args.seed}. Errors: the worst norm-relative error "
         "‖g − g_ref‖/‖g_ref‖ over the leaves (jvp, fin.diff: |⟨g − ∇f, v⟩|/‖∇f‖ over unit "
-        "directions v; δ, ∂x: every layer's δ and ∂C/∂x); red: a check failed (rtol f32 1e-5, "
-        "f64 1e-10, or atol; fin.diff also allows its own estimated truncation and roundoff). "
+        "directions v; δ, ∂x: every layer's δ and ∂C/∂x); red: a check failed (each leaf "
+        "against float64 within its own roundoff measured in that dtype; fin.diff also allows "
+        "its own estimated truncation and roundoff). "
         "taylor: the smallest observed order of the Taylor remainder (2: right, 1: wrong; "
         "≥ 1.5 passes)."
     )
