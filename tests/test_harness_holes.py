@@ -28,6 +28,7 @@ from jax import lax
 import bpjax as bp
 from bpjax.layers import Dense
 from bpjax.testing import check_backward
+from tests.test_check import _scale_layer  # the user layer y = x ∘ s, broken by factors
 
 # -- helpers ----------------------------------------------------------------------------------
 
@@ -158,21 +159,6 @@ def test_bfloat16_scaled_weight_gradient_is_caught_by_both_checkers():
     report = check_backward(fwd, bwd, params, x, y, argnums=0)
     assert not report.ok, str(report)
     assert any("[0]['W']" in path for path in report.failing_paths), str(report)
-
-
-def _scale_layer(grad_factor, dx_factor):
-    """A user's layer y = x ∘ s (as in tests/test_check.py), its backward broken by factors."""
-
-    def forward(params, x):
-        return x * params["s"], x
-
-    def backward(params, x, dy):
-        return {"s": grad_factor * jnp.sum(dy * x, axis=0)}, dx_factor * dy * params["s"]
-
-    def init(key, shape, dtype):
-        return {"s": 1 + 0.1 * jax.random.normal(key, shape, dtype)}, shape
-
-    return bp.layers.Layer(init, forward, backward)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import pytest
 from jax import lax
 
 from bpjax.testing import BackwardMismatchError, assert_backward_matches, check_backward
+from bpjax.testing._contracts import count_traces
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -261,23 +262,6 @@ def test_complex_is_not_supported_and_says_so():
 
 # -- no_retrace counts the backward's traces, not the forward's ------------------------------
 
-_TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
-
-
-def _traces(fn, *args):
-    count = [0]
-
-    def listener(event, duration_secs, **kwargs):
-        del duration_secs, kwargs
-        count[0] += event == _TRACE_EVENT
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        jax.block_until_ready(fn(*args))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    return count[0]
-
 
 def _newton_lambertw(x, steps=None):
     """W(x), the root of w eʷ = x (x > 0), by Newton: a while_loop, or ``steps`` unrolled."""
@@ -323,7 +307,7 @@ lambertw.defvjp(_lambertw_fwd, _lambertw_bwd)
 def test_a_forward_that_retraces_eagerly_passes_no_retrace(jit):
     x, x2 = jnp.linspace(0.5, 3.0, 4), jnp.linspace(0.7, 2.0, 4)
     lambertw(x)
-    assert _traces(lambertw, x2) > 0  # the premise: an eager while_loop traces on every call
+    assert count_traces(lambertw, x2) > 0  # the premise: an eager while_loop traces on every call
     reference = functools.partial(_newton_lambertw, steps=12)  # quadratic: converged long before
     options = {"references": ("jax.vjp",), "contracts": ("no_retrace",)}
     report = assert_backward_matches(lambertw, None, x, reference=reference, jit=jit, **options)

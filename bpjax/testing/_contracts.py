@@ -43,7 +43,7 @@ from bpjax.check.tolerance import compare, explicit_tolerance, to_f64
 from bpjax.testing._adapt import ManualVJP
 from bpjax.testing._trees import host_map, manual_leaves, random_like
 
-__all__ = ["CONTRACTS"]
+__all__ = ["CONTRACTS", "count_traces"]
 
 CONTRACTS = ("linear", "additive", "zero", "vmap", "deterministic", "no_retrace")
 """The contract checks :func:`bpjax.testing.check_backward` runs by default, by name."""
@@ -175,7 +175,7 @@ def _rows(
 _TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"  # recorded by every top-level jit trace
 
 
-def _traces(fn: Callable[..., Any], *args: Any) -> int:
+def count_traces(fn: Callable[..., Any], *args: Any) -> int:
     """How many top-level ``jax.jit`` traces calling ``fn(*args)`` runs (``jax.monitoring``)."""
     count = [0]
 
@@ -205,14 +205,14 @@ def _retrace_row(manual: Callable[..., Any], examples: list[tuple[Any, Any]]) ->
     (p1, c1), (p2, c2) = examples[1], examples[2]  # made alike (device arrays), values apart
     jitted = cached_jit(manual)
     jitted(p1, c1)
-    counts = [("under jax.jit", _traces(jitted, p2, c2))]
+    counts = [("under jax.jit", count_traces(jitted, p2, c2))]
     if isinstance(manual, ManualVJP):
         manual.backward(manual.forward(p1)[1], c1)
         _, state = manual.forward(p2)  # the forward's traces are not the backward's
-        counts.append(("called as it is", _traces(manual.backward, state, c2)))
+        counts.append(("called as it is", count_traces(manual.backward, state, c2)))
     else:
         manual(p1, c1)
-        counts.append(("called as it is", _traces(manual, p2, c2)))
+        counts.append(("called as it is", count_traces(manual, p2, c2)))
     retraces = [f"{name}: {again} new traces" for name, again in counts if again]
     note = (
         "; ".join(retraces) + " in the second call of the same shapes"
