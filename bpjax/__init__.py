@@ -22,8 +22,8 @@ from bpjax.check import (
 from bpjax.datasets import Dataset, load_dataset, split_dataset
 from bpjax.layers import Dense, DenseCache, backprop
 from bpjax.losses import LOSSES, FusedOutput, Loss, fused_output, get_loss
-from bpjax.mlp import MLP, Backward, Cache
-from bpjax.network import Serial, SerialCache, serial
+from bpjax.mlp import MLP
+from bpjax.network import Backward, Cache, OutputError, Serial, SerialCache, serial
 from bpjax.train import (
     OPTIMIZERS,
     EvalRecord,
@@ -46,6 +46,7 @@ __all__ = [
     "LOSSES",
     "MLP",
     "OPTIMIZERS",
+    "OutputError",
     "REFERENCES",
     "Activation",
     "Backward",

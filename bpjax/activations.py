@@ -60,6 +60,9 @@ class Activation(NamedTuple):
     output: str = REAL
     init: str = "glorot"
 
+    def __repr__(self) -> str:  # the functions' reprs are addresses: name what identifies it
+        return f"Activation(name={self.name!r}, output={self.output!r}, init={self.init!r})"
+
 
 # Each forward sits right above its backward, with the same names; the comment gives f'.
 

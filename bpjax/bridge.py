@@ -31,14 +31,12 @@ import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from bpjax._types import Array
-from bpjax.layers import backprop
-from bpjax.mlp import MLP
-from bpjax.network import Serial, serial
+from bpjax.network import OutputError, Serial
 
 __all__ = ["custom_vjp"]
 
 
-def custom_vjp(net: MLP | Serial, *, loss: bool = False) -> Callable[..., Array]:
+def custom_vjp(net: Serial, *, loss: bool = False) -> Callable[..., Array]:
     """The network as a JAX function whose VJP is the hand-written backward.
 
     Args:
@@ -75,7 +73,7 @@ def custom_vjp(net: MLP | Serial, *, loss: bool = False) -> Callable[..., Array]
       >>> [g["W"].shape for g in grads]
       [(8, 3), (2, 8)]
     """
-    if not isinstance(net, (MLP, Serial)):
+    if not isinstance(net, Serial):
         raise TypeError(
             f"net: expected a bpjax network (bpjax.MLP or bpjax.serial(...)), got "
             f"{type(net).__name__}."
@@ -84,18 +82,8 @@ def custom_vjp(net: MLP | Serial, *, loss: bool = False) -> Callable[..., Array]
 
 
 @functools.lru_cache(maxsize=256)
-def _build(net: MLP | Serial, loss: bool) -> Callable[..., Array]:
-    ser = _as_serial(net)
-    return _loss_function(ser) if loss else _output_function(ser)
-
-
-def _as_serial(net: MLP | Serial) -> Serial:
-    """The MLP as the serial network of its Dense layers: the same forward and recursion."""
-    if isinstance(net, Serial):
-        return net
-    return serial(
-        *net.layers, loss=net.objective, input_shape=(net.sizes[0],), fuse_output=net.fuse_output
-    )
+def _build(net: Serial, loss: bool) -> Callable[..., Array]:
+    return _loss_function(net) if loss else _output_function(net)
 
 
 def _value(arg: Any) -> Any:
@@ -135,7 +123,7 @@ def _output_function(net: Serial) -> Callable[..., Array]:
     def apply_bwd(residuals: Any, y_bar: Any) -> tuple[Any, Any, None]:
         params, cache, tag = residuals
         y_bar = _dense_cotangent(y_bar, cache.out)
-        grads, _, dx = backprop(net.layers, params, cache.layers, output_error=y_bar)
+        grads, _, dx = net.backprop(params, cache, OutputError(y_bar, None))
         return grads, _input_cotangent(dx, tag), None
 
     apply.defvjp(apply_fwd, apply_bwd, symbolic_zeros=True)
@@ -160,13 +148,13 @@ def _loss_function(net: Serial) -> Callable[..., Array]:
                 "bpjax.custom_vjp(net) and compute the loss of its output in JAX."
             )
         out, cache = net.forward(_value(params), _value(x), key=_value(key))
-        targets = net._check_targets(_value(y), out)
-        value = jnp.mean(net._output_loss(cache, targets))
+        targets = net.check_targets(_value(y), out)
+        value = jnp.mean(net.example_losses(cache, targets))
         return value, (_value(params), cache, targets, _dtype_tag(_value(x)))
 
     def batch_loss_bwd(residuals: Any, c_bar: Any) -> tuple[Any, Any, None, None]:
         params, cache, targets, tag = residuals
-        grads, _, dx = net._backprop(params, cache, targets)
+        grads, _, dx = net.backprop(params, cache, net.output_error(cache, targets))
         if isinstance(c_bar, SymbolicZero):
             c_bar = jnp.zeros((), cache.out.dtype)
         grads = jax.tree.map(lambda g: (g * c_bar).astype(g.dtype), grads)

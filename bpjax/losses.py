@@ -73,6 +73,9 @@ class Loss(NamedTuple):
     accepts: frozenset[str] | None = None
     targets: Callable[[Array, int, int, jnp.dtype], Array] | None = None
 
+    def __repr__(self) -> str:  # the functions' reprs are addresses: the name identifies it
+        return f"Loss(name={self.name!r})"
+
 
 # squared_error: C_n = ½‖y_n − a_n‖², ∂C_n/∂a_n = a_n − y_n
 

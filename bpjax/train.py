@@ -1,4 +1,4 @@
-"""Training an :class:`~bpjax.MLP` with optax, on the hand-written gradients or on ``jax.grad``'s.
+"""Training any network with optax, on the hand-written gradients or on ``jax.grad``'s.
 
 One optimisation step is a pure function of arrays (:func:`make_train_step`)::
 
@@ -11,6 +11,12 @@ loss and accuracy on the whole training split and on a held-out split every ``ev
 The gradient is a pluggable callable ``grad_fn(params, x, y) -> (loss, grads)``
 (:func:`gradient_fn` builds the manual and autodiff ones), so the same loop trains on any gradient
 of the batch-mean loss ``C = (1/B) Σ_n C_n``: a data-parallel one, say, that averages shards.
+
+Inputs. Data sets hold flat rows ``(n, n_0)``; a network whose ``input_shape`` has several axes
+(a CNN's ``(H, W, C)``) gets each row reshaped to it in C order (:func:`network_inputs`), so the
+digits' 64 pixels are an ``(8, 8, 1)`` image. A network with layers that draw randomness in
+training (``needs_key``: :class:`~bpjax.layers.Dropout`) gets a fresh key each step,
+``fold_in(key(seed), step)``; evaluation runs without one (evaluation mode).
 
 Targets. Training data hold integer class labels ``(n,)`` or float targets ``(n, n_L)`` (see
 :class:`bpjax.datasets.Dataset`); labels go to cross_entropy as they are, and to every other
@@ -37,7 +43,7 @@ import optax
 
 from bpjax._types import Array, Grads, Params
 from bpjax.datasets import Dataset
-from bpjax.mlp import MLP
+from bpjax.network import Serial
 
 __all__ = [
     "GRADIENTS",
@@ -53,6 +59,7 @@ __all__ = [
     "gradient_fn",
     "loss_targets",
     "make_train_step",
+    "network_inputs",
 ]
 
 GradFn = Callable[[Params, Array, Array], tuple[Array, Grads]]
@@ -108,7 +115,7 @@ def get_optimizer(name: str, learning_rate: float) -> optax.GradientTransformati
 
 @functools.lru_cache(maxsize=64)
 def gradient_fn(
-    net: MLP, grad: str = "manual", *, mesh: jax.sharding.Mesh | None = None, axis: str = "data"
+    net: Serial, grad: str = "manual", *, mesh: jax.sharding.Mesh | None = None, axis: str = "data"
 ) -> GradFn:
     """``(params, x, y) -> (C, ∇_θ C)`` for ``net``: by the δ-recursion or by autodiff.
 
@@ -132,6 +139,11 @@ def gradient_fn(
     """
     if grad not in GRADIENTS:
         raise ValueError(f"grad: expected one of {', '.join(GRADIENTS)}, got {grad!r}.")
+    if mesh is not None and net.needs_key:
+        raise ValueError(
+            "mesh: data-parallel training takes no PRNG key, and this network has layers that "
+            "draw randomness in training (needs_key: Dropout); train it on one device."
+        )
     if mesh is None:
         return net.value_and_grad if grad == "manual" else jax.value_and_grad(net.loss)
     from bpjax import parallel
@@ -165,7 +177,7 @@ class TrainState(NamedTuple):
 
 def make_train_step(
     grad_fn: GradFn, optimizer: optax.GradientTransformation
-) -> Callable[[TrainState, Array, Array], tuple[TrainState, Array]]:
+) -> Callable[..., tuple[TrainState, Array]]:
     """One optimisation step as a pure function ``(state, x, y) -> (state', C)``.
 
     ``(C, g) = grad_fn(θ, x, y)``, ``(u, s') = optimizer.update(g, s, θ)``, ``θ' = θ + u``;
@@ -177,8 +189,10 @@ def make_train_step(
       optimizer: an optax gradient transformation.
 
     Returns:
-      ``step(state, x, y)`` for a :class:`TrainState`, inputs of shape ``(batch, n_0)`` and
-      targets in the form the loss takes (:func:`loss_targets`).
+      ``step(state, x, y, key=None)`` for a :class:`TrainState`, inputs of shape
+      ``(batch, *input_shape)`` and targets in the form the loss takes (:func:`loss_targets`);
+      a ``key`` is handed to ``grad_fn(params, x, y, key=key)`` (a network with ``needs_key``
+      layers, whose ``value_and_grad`` and ``loss`` take one).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -194,8 +208,13 @@ def make_train_step(
       True
     """
 
-    def step(state: TrainState, x: Array, y: Array) -> tuple[TrainState, Array]:
-        loss, grads = grad_fn(state.params, x, y)
+    def step(
+        state: TrainState, x: Array, y: Array, key: Array | None = None
+    ) -> tuple[TrainState, Array]:
+        if key is None:
+            loss, grads = grad_fn(state.params, x, y)
+        else:  # a network with layers that draw randomness in training (Dropout)
+            loss, grads = grad_fn(state.params, x, y, key=key)  # type: ignore[call-arg]
         # optax mixes Python floats with its int32 step count (adam's bias correction 1 − β^t),
         # which strict dtype promotion rejects; the gradient above keeps the caller's setting
         with jax.numpy_dtype_promotion("standard"):
@@ -206,7 +225,7 @@ def make_train_step(
     return step
 
 
-def loss_targets(net: MLP, y: Array) -> Array:
+def loss_targets(net: Serial, y: Array) -> Array:
     """``y`` in the form ``net``'s loss takes: integer labels become one-hot rows where needed.
 
     Integer labels of shape ``(batch,)`` stay labels for cross_entropy and become one-hot rows
@@ -216,7 +235,7 @@ def loss_targets(net: MLP, y: Array) -> Array:
     y = jnp.asarray(y)
     labels = y.ndim == 1 and jnp.issubdtype(y.dtype, jnp.integer)
     if labels and net.objective.name != "cross_entropy":
-        return jax.nn.one_hot(y, net.sizes[-1], dtype=jnp.float32)
+        return jax.nn.one_hot(y, net.output_shape[-1], dtype=jnp.float32)
     return y
 
 
@@ -227,7 +246,7 @@ class Metrics(NamedTuple):
     accuracy: Array  # (): share of argmax_j a^L_nj = y_n; NaN for regression targets
 
 
-def evaluate(net: MLP, params: Params, x: Array, y: Array) -> Metrics:
+def evaluate(net: Serial, params: Params, x: Array, y: Array) -> Metrics:
     """The mean loss and the accuracy of ``net`` on ``x``.
 
     Args:
@@ -267,7 +286,7 @@ def evaluate(net: MLP, params: Params, x: Array, y: Array) -> Metrics:
 
 
 @functools.cache
-def _jitted_evaluate() -> Callable[[MLP, Params, Array, Array], Metrics]:
+def _jitted_evaluate() -> Callable[[Serial, Params, Array, Array], Metrics]:
     """:func:`evaluate` under ``jax.jit`` (the net static), one compiled cache for every fit."""
     return jax.jit(evaluate, static_argnums=0)
 
@@ -309,7 +328,7 @@ class FitResult(NamedTuple):
 
 
 def fit(
-    net: MLP,
+    net: Serial,
     params: Params,
     train: Dataset,
     *,
@@ -335,7 +354,10 @@ def fit(
     ``target_loss``, or when a loss is no longer finite.
 
     Args:
-      net: the network spec; its ``sizes`` must match the data's features and outputs.
+      net: any network (an :class:`~bpjax.MLP` or a :func:`~bpjax.serial` one); its input size
+        must be the data's number of features (rows are reshaped to ``input_shape``, see
+        :func:`network_inputs`) and its ``output_shape`` ``(n_L,)`` the data's outputs. A network
+        with ``needs_key`` layers gets ``fold_in(key(seed), step)`` each step.
       params: the initial params, e.g. ``net.init(jax.random.key(seed))``.
       train: the training examples (labels or regression targets, see :func:`loss_targets`).
       optimizer: an optax optimiser, e.g. :func:`get_optimizer`.
@@ -377,11 +399,12 @@ def fit(
     held_out = None
     if test is not None and len(test) > 0:
         _check_data(net, test, "test")
-        held_out = (jnp.asarray(test.x), jnp.asarray(test.y))
+        held_out = (network_inputs(net, test.x), jnp.asarray(test.y))
     indexed_step = _jitted_step(grad_fn or gradient_fn(net, grad), optimizer)
+    base_key = jax.random.key(seed) if net.needs_key else None
 
     # the data go to the device once; each step gathers its batch there
-    x_train, y_train = jnp.asarray(train.x), jnp.asarray(train.y)
+    x_train, y_train = network_inputs(net, train.x), jnp.asarray(train.y)
     targets = loss_targets(net, y_train)
     n = len(train)
     batch = min(batch_size, n)
@@ -397,7 +420,10 @@ def fit(
     for epoch in range(1, epochs + 1):
         order = rng.permutation(n)[: steps_per_epoch * batch].reshape(steps_per_epoch, batch)
         for index in order:
-            state, loss = indexed_step(state, x_train, targets, jnp.asarray(index))
+            key = None
+            if base_key is not None:
+                key = jax.random.fold_in(base_key, len(step_loss) + len(pending))
+            state, loss = indexed_step(state, x_train, targets, jnp.asarray(index), key)
             pending.append(loss)
             if on_step is not None:
                 on_step(len(step_loss) + len(pending))
@@ -444,14 +470,15 @@ def _cached_jitted_step(grad_fn: GradFn, optimizer: optax.GradientTransformation
 
 
 def _indexed_step(
-    step: Callable[[TrainState, Array, Array], tuple[TrainState, Array]],
+    step: Callable[..., tuple[TrainState, Array]],
     state: TrainState,
     x: Array,
     y: Array,
     index: Array,
+    key: Array | None,
 ) -> tuple[TrainState, Array]:
     """``step`` on the minibatch ``x[index], y[index]``; the data stay on the device."""
-    return step(state, x[index], y[index])
+    return step(state, x[index], y[index], key)
 
 
 def _optional(value: Array) -> float | None:
@@ -459,14 +486,47 @@ def _optional(value: Array) -> float | None:
     return None if math.isnan(number) else number
 
 
-def _check_data(net: MLP, data: Dataset, name: str) -> None:
-    """The data's input width and outputs against ``net.sizes``, with a one-line message."""
-    n_in, n_out = net.sizes[0], net.sizes[-1]
-    if data.num_features != n_in:
+def network_inputs(net: Serial, x: Any) -> Array:
+    """Flat data rows ``(n, n_0)`` as the network's inputs ``(n, *input_shape)``, C order.
+
+    Raises:
+      ValueError: ``n_0`` is not the size of one input, ``prod(input_shape)``.
+    """
+    x = jnp.asarray(x)
+    size = math.prod(net.input_shape)
+    if x.ndim != 2 or x.shape[1] != size:
+        raise ValueError(
+            f"x: expected flat rows (n, {size}) for the network's input shape {net.input_shape}, "
+            f"got {x.shape}."
+        )
+    return x.reshape(x.shape[0], *net.input_shape)
+
+
+def _check_data(net: Serial, data: Dataset, name: str) -> None:
+    """The data's input size and outputs against the network's, with a one-line message."""
+    if getattr(net.layers[0], "integer_input", False):
+        raise ValueError(
+            f"{name}: the network's first layer ({type(net.layers[0]).__name__}) takes integer "
+            "indices, but data sets hold float features; train it with make_train_step."
+        )
+    shape, out_shape = net.input_shape, net.output_shape
+    n_in, size = shape[0], math.prod(shape)
+    if len(shape) > 1 and data.num_features != size:
+        raise ValueError(
+            f"{name}: the network takes inputs of shape {shape} ({size} values) but the data have "
+            f"{data.num_features} features."
+        )
+    if len(shape) == 1 and data.num_features != n_in:
         raise ValueError(
             f"{name}: the network takes n_0 = {n_in} inputs but the data have "
             f"{data.num_features} features; sizes must start with {data.num_features}."
         )
+    if len(out_shape) != 1:
+        raise ValueError(
+            f"{name}: the network's outputs have shape {out_shape} per example; data sets hold one "
+            "label or target row per example, so the network must end in (n_L,)."
+        )
+    n_out = out_shape[0]
     if data.num_outputs != n_out:
         what = "classes" if data.num_classes is not None else "target columns"
         raise ValueError(

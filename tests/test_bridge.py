@@ -224,7 +224,8 @@ def test_bad_input():
     probabilities = jax.nn.softmax(jnp.ones((6, 3)))
     with pytest.raises(ValueError, match=r"y: bpjax\.custom_vjp.*does not differentiate"):
         jax.grad(bp.custom_vjp(net, loss=True), argnums=2)(params, x, probabilities)
-    with pytest.raises(ValueError, match=r"x: expected shape \(batch, 4\)"):
+    # the MLP's own message: an MLP is checked by the network's one input check
+    with pytest.raises(ValueError, match=r"x: expected shape \(batch, n_0\) = \(batch, 4\)"):
         jax.grad(lambda p: jnp.sum(bp.custom_vjp(net)(p, x[:, :3])))(params)
 
 

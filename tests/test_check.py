@@ -237,7 +237,7 @@ def _data():
 
 
 def planted(net: bp.MLP, bug: str | None):
-    """A copy of the δ-recursion from DESIGN.md, written out here, with at most one bug.
+    """A copy of the δ-recursion from docs/design.md, written out here, with at most one bug.
 
     Layers are numbered as in the maths: layer l holds params[l-1] and deltas[l-1].
     """

@@ -1,17 +1,25 @@
-"""The `bpjax` command line: the check matrix and its table, failures, help and bad options."""
+"""The `bpjax` command line: the check matrix and its table, failures, help and bad options.
+
+The MLP rows and the layer rows (``bpjax.cli.networks``) both; `bpjax train` is in test_train.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import bpjax as bp
 from bpjax import cli
-from bpjax.cli import build_matrix, main
+from bpjax.cli import LAYER_NETWORKS, build_layer_matrix, build_matrix, layer_case_data, main
+from bpjax.cli.networks import layer_names
+from bpjax.cli.runner import workers
+from bpjax.layers import AvgPool2D, Dense
 
 # the error and timing columns of the table, in order
 HEADERS = (
@@ -48,6 +56,7 @@ def test_check_passes_and_prints_the_table(capsys):
             "--batch", "5",
             "--repeats", "2",
             "--jobs", "2",
+            "--no-layers",
         ]
     )  # fmt: skip
     out = capsys.readouterr().out
@@ -98,6 +107,7 @@ def test_a_wrong_backward_fails_and_prints_the_report(capsys, monkeypatch):
             "--dtype", "float64",
             "--no-timing",
             "--jobs", "1",
+            "--no-layers",
         ]
     )  # fmt: skip
     out = capsys.readouterr().out
@@ -130,6 +140,7 @@ def test_a_case_that_raises_is_a_failure(capsys, monkeypatch):
             "--dtype", "float32",
             "--no-timing",
             "--jobs", "1",
+            "--no-layers",
         ]
     )  # fmt: skip
     out = capsys.readouterr().out
@@ -154,10 +165,16 @@ def test_help(capsys):
         "--losses",
         "--jobs",
         "--no-timing",
+        "--no-mlp",
+        "--layers",
+        "--no-layers",
     ):
         assert option in out
     assert "jax.grad" in out
     assert "differences" in out
+    for name in LAYER_NETWORKS:
+        assert name in out
+    assert "maxpool2d (MaxPool2D → Dense), " in _words(out)
 
 
 def test_python_dash_m():
@@ -186,6 +203,11 @@ def test_python_dash_m():
         (["check", "--jobs", "two"], "argument --jobs: expected a positive integer, got 'two'"),
         (["check", "--seed", "-1"], "argument --seed: expected a non-negative integer, got -1"),
         (["check", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["check", "--layers", "conv2d,conv3d"], "argument --layers: unknown layer 'conv3d'"),
+        (
+            ["check", "--layers", "lstm", "--no-layers"],
+            "argument --no-layers: not allowed with argument --layers",
+        ),
     ],
 )
 def test_bad_options_exit_2_with_a_message(argv, message, capsys):
@@ -204,10 +226,12 @@ def test_the_message_lists_the_valid_names(capsys):
 
 def test_nothing_left_to_check_exits_2(capsys):
     argv = ["check", "--sizes", "3,2", "--activations", "tanh", "--losses", "cross_entropy"]
-    assert main(argv) == 2
+    assert main([*argv, "--no-layers"]) == 2
     out = capsys.readouterr().out
     assert "skipped tanh × cross_entropy" in out
     assert "nothing to check" in out
+    assert main(["check", "--no-mlp", "--no-layers"]) == 2
+    assert "nothing to check" in capsys.readouterr().out
 
 
 def test_the_default_matrix():
@@ -296,7 +320,7 @@ def test_case_data_float32_and_float64_share_the_numbers(x64):
         batch=6,
         seed=0,
     )
-    (net, p32, x32, y32), (_, p64, x64_, y64) = (cli._case_data(case) for case in cases)
+    (net, p32, x32, y32), (_, p64, x64_, y64) = (cli.case_data(case) for case in cases)
     assert net.sizes == cases[0].sizes
     assert p32[0]["W"].dtype == x32.dtype == jnp.float32
     assert p64[0]["W"].dtype == x64_.dtype == jnp.float64
@@ -305,3 +329,127 @@ def test_case_data_float32_and_float64_share_the_numbers(x64):
     assert y32.shape == (6,) and y32.dtype == jnp.int32  # integer labels for tanh
     assert jnp.array_equal(y32, y64)
     assert int(y32.min()) >= 0 and int(y32.max()) < cases[0].sizes[-1]
+
+
+# -- the layer rows ------------------------------------------------------------------------------
+
+
+def test_the_layer_rows():
+    cases = build_layer_matrix(
+        tuple(LAYER_NETWORKS), dtypes=("float32", "float64"), batch=12, seed=0
+    )
+    assert [(c.layer, c.dtype) for c in cases] == [
+        (name, dtype) for name in LAYER_NETWORKS for dtype in ("float32", "float64")
+    ]
+    assert [spec.label for spec in LAYER_NETWORKS.values()] == [
+        "Conv2D", "MaxPool2D", "AvgPool2D", "LayerNorm", "Residual", "Embedding", "Dropout",
+        "Elman", "LSTM",
+    ]  # fmt: skip
+    for case in cases:  # the layer under test is in its network, named as the row is
+        assert case.network.label in layer_names(case)
+    # float32 and float64 check the same network, and each layer has a seed of its own
+    seeds = {}
+    for case in cases:
+        seeds.setdefault(case.layer, set()).add(case.seed)
+    assert all(len(s) == 1 for s in seeds.values())
+    assert len({s for (s,) in seeds.values()}) == len(LAYER_NETWORKS)
+    # a selection reproduces the full matrix's rows, whatever order it names them in
+    part = build_layer_matrix(("lstm", "conv2d"), dtypes=("float64",), batch=12, seed=0)
+    assert part == [c for c in cases if c.layer in ("conv2d", "lstm") and c.dtype == "float64"]
+
+
+def test_the_layer_rows_spread_over_the_workers_in_pairs():
+    cases = build_layer_matrix(("lstm",), dtypes=("float32", "float64"), batch=4, seed=0)
+    assert workers(cases, 2) == 1  # a layer's float32 and float64 rows stay together
+    cases = build_layer_matrix(
+        tuple(LAYER_NETWORKS), dtypes=("float32", "float64"), batch=4, seed=0
+    )
+    assert workers(cases, 2) == 2
+    assert workers(cases, 1) == 1
+
+
+def test_layer_case_data_float32_and_float64_share_the_numbers(x64):
+    for name, spec in LAYER_NETWORKS.items():
+        c32, c64 = build_layer_matrix((name,), dtypes=("float32", "float64"), batch=3, seed=1)
+        # (layer_case_data also checks the network's output shape against the row's)
+        net, p32, x32, y32, key32 = layer_case_data(c32)
+        _, p64, x64_, y64, key64 = layer_case_data(c64)
+        assert net.input_shape == spec.input_shape
+        for a, b in zip(jax.tree.leaves(p32), jax.tree.leaves(p64), strict=True):
+            assert a.dtype == jnp.float32 and b.dtype == jnp.float64
+            assert jnp.array_equal(a.astype(jnp.float64), b)
+        assert x32.shape == x64_.shape == (3, *spec.input_shape)
+        assert x32.dtype == (jnp.int32 if spec.tokens else jnp.float32)
+        assert jnp.array_equal(x32.astype(x64_.dtype), x64_)
+        assert jnp.array_equal(y32.astype(y64.dtype), y64)
+        assert y32.shape == (3, *spec.output_shape)
+        if spec.key:
+            assert jnp.array_equal(jax.random.key_data(key32), jax.random.key_data(key64))
+        else:
+            assert key32 is key64 is None
+
+
+def test_layer_rows_pass_in_both_dtypes(capsys):
+    code = main(
+        [
+            "check",
+            "--no-mlp",
+            "--layers", "avgpool2d,embedding",
+            "--repeats", "1",
+            "--jobs", "1",
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "all 4 cases passed" in out
+    for label, loss, y, sizes in (
+        ("AvgPool2D", "squared_error", "reals", "4×4×2→2×2×3"),
+        ("Embedding", "squared_error", "reals", "5→5×3"),
+    ):
+        rows = _rows(out, label)
+        assert [row.split()[:5] for row in rows] == [
+            [label, loss, y, dtype, sizes] for dtype in ("f32", "f64")
+        ], rows
+        for row in rows:
+            assert row.rstrip().endswith("ok"), row
+            assert "–" not in row, row  # every error (Embedding: its δ, no ∂x) and time
+            assert 1.5 <= float(row.split()[11]) <= 2.5  # the Taylor order
+    assert "Rows named by a layer" in _words(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokenAvgPool2D(AvgPool2D):
+    """AvgPool2D with the planted bug: the ∂C/∂x it hands down is 1% too large."""
+
+    def backward(self, params, cache, dy):
+        grads, dx = super().backward(params, cache, dy)
+        return grads, 1.01 * dx
+
+
+def _broken_avgpool_network():
+    return BrokenAvgPool2D(3, 2, "SAME"), Dense(3)
+
+
+def test_a_wrong_layer_backward_fails_and_prints_the_report(capsys, monkeypatch):
+    spec = LAYER_NETWORKS["avgpool2d"]
+    monkeypatch.setitem(LAYER_NETWORKS, "avgpool2d", spec._replace(layers=_broken_avgpool_network))
+    code = main(
+        [
+            "check",
+            "--no-mlp",
+            "--layers", "avgpool2d",
+            "--dtype", "float64",
+            "--no-timing",
+            "--jobs", "1",
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "1 of 1 cases FAILED" in out
+    (row,) = _rows(out, "AvgPool2D")
+    assert row.rstrip().endswith("FAIL")
+    words = _words(out)
+    assert "FAILED AvgPool2D (avgpool2d), float64, layers BrokenAvgPool2D → Dense" in words
+    # the report in full: the input gradient is wrong, the params' gradients above are right
+    assert "input_grad" in out
+    assert "∂C/∂x is wrong: look at the dx of layer 1 (BrokenAvgPool2D)'s backward" in words

@@ -7,8 +7,11 @@
   finite differences and the Taylor remainder.
 - :mod:`bpjax.check.network`: :func:`check_mlp` and :func:`check_network`, which add every
   layer's error δ and ``∂C/∂x`` and name the layer whose backward is at fault.
+- :mod:`bpjax.check.curvature`: :func:`check_curvature`, the harness at order 2 (the
+  Hessian-vector product and the GGN diagonal of :mod:`bpjax.extend` against explicit matrices).
 """
 
+from bpjax.check.curvature import check_curvature
 from bpjax.check.grads import (
     DEFAULT_RTOL,
     REFERENCES,
@@ -26,6 +29,7 @@ __all__ = [
     "GradCheckReport",
     "GradientMismatchError",
     "assert_grads_match",
+    "check_curvature",
     "check_grads",
     "check_mlp",
     "check_network",

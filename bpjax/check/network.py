@@ -20,11 +20,13 @@ import jax.numpy as jnp
 
 from bpjax._cache import jit_wrapper, memoized
 from bpjax._types import Array, ArrayTree
+from bpjax.check.curvature import check_curvature
 from bpjax.check.grads import check_grads, least_precise
 from bpjax.check.report import CheckRow, GradCheckReport
 from bpjax.check.tolerance import Measured, compare, explicit_tolerance, measure
-from bpjax.layers._core import layer_forward, split_key
-from bpjax.network import SerialCache
+from bpjax.layers import layer_forward, split_key
+from bpjax.mlp import MLP
+from bpjax.network import Cache, Serial
 
 __all__ = ["check_mlp", "check_network", "layer_name"]
 
@@ -47,8 +49,8 @@ def check_mlp(
 ) -> GradCheckReport:
     """:func:`check_grads` for an :class:`~bpjax.MLP`, plus every layer's δ and ``∂C/∂x``.
 
-    A :func:`bpjax.serial` network goes to :func:`check_network`, which does the same for any
-    layers.
+    The name under which :func:`check_network` checks an MLP (an MLP is a serial network of
+    Dense layers; any other network is checked the same way).
 
     Besides the leaf rows of :func:`check_grads` (``net.loss`` is the reference), each per-example
     error ``δ^l`` of the backward is compared with ``jax.vjp`` of the sub-network *above* layer
@@ -65,7 +67,7 @@ def check_mlp(
       y: targets as ``net.loss`` takes them.
       backward: ``backward(params, cache, y) -> Backward`` to check instead of ``net.backward``
         (your own, or a deliberately broken copy).
-      order: ``2`` adds the second-order rows of :func:`bpjax.extend.check_curvature`: the
+      order: ``2`` adds the second-order rows of :func:`bpjax.check.check_curvature`: the
         Hessian-vector product over the manual backward against ``jax.hessian`` of ``net.loss``,
         and the exact GGN diagonal against ``(1/B) Σ_n J_nᵀ H_n J_n`` from ``jax.jacobian`` and
         ``jax.hessian`` (``P × P`` matrices: for small networks).
@@ -86,20 +88,7 @@ def check_mlp(
       >>> report.ok, report.first_bad_layer
       (True, None)
     """
-    if not hasattr(net, "num_layers"):  # a serial network: its layers are not all Dense
-        return check_network(net, params, x, y, backward=backward, order=order, **kwargs)
-    _check_order(order)
-    backward = net.backward if backward is None else backward
-    wrap = jit_wrapper(kwargs.get("jit", True))
-    fns = _mlp_fns(net, backward)
-    report = check_grads(fns.manual, net.loss, params, x, y, **kwargs)
-    _, bw = wrap(fns.run_backward)(params, x, y)
-    measured = _measure(fns.references, params, (x, y), wrap, kwargs)
-    rows = list(report.rows)
-    rows += _error_rows(bw.deltas, measured, net.num_layers)
-    rows += _input_rows(bw.input_grad, measured)
-    rows += _second_order_rows(order, net, params, x, y, kwargs)
-    return dataclasses.replace(report, rows=tuple(rows), deltas_checked=True)
+    return check_network(net, params, x, y, backward=backward, order=order, **kwargs)
 
 
 def _measure(
@@ -156,67 +145,14 @@ def _check_order(order: Any) -> None:
 def _second_order_rows(
     order: int, net: Any, params: ArrayTree, x: Array, y: Array, kwargs: Any
 ) -> list[CheckRow]:
-    """The rows of :func:`bpjax.extend.check_curvature` when ``order == 2``, else none."""
+    """The rows of :func:`bpjax.check.check_curvature` when ``order == 2``, else none."""
     if order == 1:
         return []
-    from bpjax.extend import check_curvature  # extend builds on the checks
-
     report = check_curvature(
         net, params, x, y, rtol=kwargs.get("rtol"), seed=kwargs.get("seed", 0),
         jit=kwargs.get("jit", True),
     )  # fmt: skip
     return list(report.rows)
-
-
-class _MLPFns(NamedTuple):
-    """The functions :func:`check_mlp` runs, built once per (net, backward)."""
-
-    run_backward: Callable[..., Any]  # (params, x, y) -> (cache, Backward)
-    manual: Callable[..., Any]  # (params, x, y) -> (loss, grads) by the backward under test
-    references: Callable[..., Any]  # (params, x, y) -> {"errors": [δ^l], "input_grad": [∂C/∂x]}
-
-
-@memoized
-def _mlp_fns(net: Any, backward: Callable[..., Any]) -> _MLPFns:
-    def run_backward(p: ArrayTree, xs: Array, ys: Array) -> Any:
-        _, cache = net.forward(p, xs)
-        return cache, backward(p, cache, ys)
-
-    def manual(p: ArrayTree, xs: Array, ys: Array) -> tuple[Array, ArrayTree]:
-        cache, bw = run_backward(p, xs, ys)
-        per_example = net.output_loss(cache.z[-1], cache.a[-1], net._check_targets(ys, cache))
-        return jnp.mean(per_example), bw.grads
-
-    def references(p: ArrayTree, xs: Array, ys: Array) -> dict[str, Any]:
-        return {
-            "errors": _reference_deltas(net, p, xs, ys),
-            "input_grad": [jax.grad(net.loss, argnums=1)(p, xs, ys)],
-        }
-
-    return _MLPFns(run_backward, manual, references)
-
-
-def _reference_deltas(net: Any, params: ArrayTree, x: Array, y: Array) -> list[Array]:
-    """``δ^l_n = ∂C_n/∂z^l_n`` for every layer, by ``jax.vjp`` of the forward above ``z^l``.
-
-    Uses only the forward maths (activations' ``forward``, ``z = a Wᵀ + b``, the loss value), never
-    the hand-written backward.
-    """
-    _, cache = net.forward(params, x)
-    y = net._check_targets(y, cache)
-
-    def above(l: int, z: Array) -> Array:
-        a = net.activations[l].forward(z)
-        for m in range(l + 1, net.num_layers):
-            z = a @ params[m]["W"].T + params[m]["b"]
-            a = net.activations[m].forward(z)
-        return net.output_loss(z, a, y)
-
-    deltas = []
-    for l in range(net.num_layers):
-        losses, pullback = jax.vjp(lambda z, l=l: above(l, z), cache.z[l])
-        deltas.append(pullback(jnp.ones_like(losses))[0])
-    return deltas
 
 
 def check_network(
@@ -230,7 +166,7 @@ def check_network(
     order: int = 1,
     **kwargs: Any,
 ) -> GradCheckReport:
-    """:func:`check_mlp` for any :func:`bpjax.serial` network: grads, each layer's error, ∂C/∂x.
+    """:func:`check_grads` for any network, plus each layer's error and ``∂C/∂x``.
 
     Each layer's recorded error (``Backward.deltas[i]``: ``δ = ∂C_n/∂z`` for a layer with a
     weighted input, such as Dense or Conv2D, else ``∂C_n/∂y`` at its output) is compared with
@@ -241,7 +177,7 @@ def check_network(
     disagrees, and :meth:`GradCheckReport.summary` names its type and which backward to look at.
 
     Args:
-      net: a :func:`bpjax.serial` network (an :class:`~bpjax.MLP` goes to :func:`check_mlp`).
+      net: a network: :func:`bpjax.serial` or :class:`~bpjax.MLP` (its Dense stack).
       params: its params.
       x: inputs ``(batch, *input_shape)``.
       y: targets as ``net.loss`` takes them.
@@ -250,11 +186,13 @@ def check_network(
         the manual and the reference passes draw the same randomness from it.
       order: ``2`` adds the second-order rows (hvp and the GGN diagonal, as in
         :func:`check_mlp`); for networks of Dense layers, which :mod:`bpjax.extend` covers.
+        An MLP takes no ``key``.
       **kwargs: passed on to :func:`check_grads` (``rtol``, ``atol``, ``directions``, ``seed``,
         ``jit``, ``references``).
 
     Returns:
-      A :class:`GradCheckReport` with ``deltas_checked=True`` and ``layer_names``.
+      A :class:`GradCheckReport` with ``deltas_checked=True`` and ``layer_names`` (empty for an
+      MLP, whose report numbers its Dense layers as the maths does).
 
     Raises:
       TypeError: ``net`` is not a network, an MLP is given a ``key``, or ``order=2`` for a
@@ -271,18 +209,16 @@ def check_network(
       >>> report.ok, report.layer_names
       (True, ('Dense', 'Dense'))
     """
-    if hasattr(net, "num_layers"):
-        if key is not None:
-            raise TypeError("key: an MLP draws no randomness; call check_network without key.")
-        return check_mlp(net, params, x, y, backward=backward, order=order, **kwargs)
     _check_order(order)
-    if not all(hasattr(net, m) for m in ("layers", "forward", "backward", "loss")):
+    if not isinstance(net, Serial):
         raise TypeError(
             f"net: expected a bpjax network (bpjax.serial(...) or bpjax.MLP), got "
             f"{type(net).__name__}."
         )
     if order == 2 and key is not None:
         raise TypeError("key: order=2 checks networks of Dense layers, which draw no randomness.")
+    if key is not None and isinstance(net, MLP):
+        raise TypeError("key: an MLP draws no randomness; call check_network without key.")
     # first, so that a network order 2 does not cover fails before the first-order work
     second_order = _second_order_rows(order, net, params, x, y, kwargs)
     backward = net.backward if backward is None else backward
@@ -297,7 +233,9 @@ def check_network(
     if float_x or bw.input_grad is not None:
         rows += _input_rows(bw.input_grad, measured)
     rows += second_order
-    names = tuple(layer_name(layer) for layer in net.layers)
+    # an MLP's report numbers its layers as the maths does and words its hints in the Dense
+    # formulas (∇W = (1/B) δᵀ a, the product with W^{l+1}); other networks name each layer
+    names = () if isinstance(net, MLP) else tuple(layer_name(layer) for layer in net.layers)
     return dataclasses.replace(report, rows=tuple(rows), deltas_checked=True, layer_names=names)
 
 
@@ -318,7 +256,7 @@ def _network_fns(net: Any, backward: Callable[..., Any], float_x: bool) -> _Netw
 
     def manual(p: ArrayTree, xs: Array, ys: Array, key: Any) -> tuple[Array, ArrayTree]:
         cache, bw = run_backward(p, xs, ys, key)
-        return jnp.mean(net._output_loss(cache, net._check_targets(ys, cache.out))), bw.grads
+        return jnp.mean(net.example_losses(cache, net.check_targets(ys, cache.out))), bw.grads
 
     def reference(p: ArrayTree, xs: Array, ys: Array, key: Any) -> Array:
         return net.loss(p, xs, ys, key=key)
@@ -341,27 +279,29 @@ def _reference_errors(net: Any, params: ArrayTree, x: Array, y: Array, key: Any)
     """
     layers, n = net.layers, len(net.layers)
     keys = split_key(key, n)
-    h, outs, layer_caches = net._check_inputs(params, x), [], []
+    x = net.check_inputs(params, x)
+    h, outs, layer_caches = x, [], []
     for layer, layer_params, layer_key in zip(layers, params, keys, strict=True):
         h, layer_cache = layer_forward(layer, layer_params, h, layer_key)
         outs.append(h)
         layer_caches.append(layer_cache)
     out = outs[-1]
-    cache = SerialCache(layer_caches, out)
-    targets = net._check_targets(y, out)
-    fused = net.fused is not None
+    cache = Cache(x, layer_caches, out)
+    targets = net.check_targets(y, out)
 
     def loss_at(last_z: Array | None, out: Array) -> Array:
         caches = list(cache.layers)
-        if fused:
+        if last_z is not None:
             caches[-1] = caches[-1]._replace(z=last_z)
-        return net._output_loss(cache._replace(layers=caches, out=out), targets)
+        return net.example_losses(cache._replace(layers=caches, out=out), targets)
 
     def above(i: int, h: Array) -> Array:
         last_cache = None
         for j in range(i + 1, n):
             h, last_cache = layer_forward(layers[j], params[j], h, keys[j])
-        return loss_at(last_cache.z if fused and last_cache is not None else None, h)
+        if last_cache is None or not hasattr(layers[-1], "backward_delta"):
+            return loss_at(None, h)
+        return loss_at(last_cache.z, h)
 
     def from_z(i: int, z: Array) -> Array:
         a = layers[i].activation.forward(z)

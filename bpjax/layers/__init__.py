@@ -22,19 +22,39 @@ without params). Optional parts of the contract:
 :func:`backprop` is the reversed loop over a serial composition: the ``dx`` of layer ``i`` is the
 ``dy`` of layer ``i − 1``. :class:`bpjax.MLP` is this loop over :class:`Dense` layers, and
 :func:`bpjax.serial` over any layers.
+
+The layers: :class:`Dense`, :class:`Conv2D`, :class:`MaxPool2D`, :class:`AvgPool2D`,
+:class:`Flatten`, :class:`Dropout`, :class:`Embedding`, :class:`LayerNorm`, :class:`Residual`,
+and the recurrent :class:`Elman`, :class:`LSTM` and :class:`LastStep` (backpropagation through
+time; also importable from :mod:`bpjax.rnn`). :class:`Sequential` is layers in series as one layer
+(what :func:`bpjax.serial` returns without a loss), so blocks nest; :func:`chain_init`,
+:func:`chain_forward`, :func:`layer_forward`, :func:`split_key` and :func:`check_layers` are the
+pieces a layer made of layers is built from (:class:`Residual`, :class:`Sequential` and networks
+use them). The protocol and the maths: docs/design.md.
 """
 
 from bpjax.layers._conv import Conv2D, Conv2DCache
-from bpjax.layers._core import Layer, backprop
+from bpjax.layers._core import (
+    Layer,
+    backprop,
+    chain_forward,
+    chain_init,
+    check_layers,
+    layer_forward,
+    split_key,
+)
 from bpjax.layers._dense import Dense, DenseCache
 from bpjax.layers._dropout import Dropout, DropoutCache
 from bpjax.layers._embedding import Embedding, EmbeddingCache
 from bpjax.layers._norm import LayerNorm, LayerNormCache
 from bpjax.layers._pool import AvgPool2D, MaxPool2D, PoolCache
+from bpjax.layers._recurrent import LSTM, Elman, ElmanCache, LastStep, LastStepCache, LSTMCache
 from bpjax.layers._reshape import Flatten
 from bpjax.layers._residual import Residual, ResidualCache
+from bpjax.layers._sequential import Sequential, SequentialCache
 
 __all__ = [
+    "LSTM",
     "AvgPool2D",
     "Conv2D",
     "Conv2DCache",
@@ -42,9 +62,14 @@ __all__ = [
     "DenseCache",
     "Dropout",
     "DropoutCache",
+    "Elman",
+    "ElmanCache",
     "Embedding",
     "EmbeddingCache",
     "Flatten",
+    "LSTMCache",
+    "LastStep",
+    "LastStepCache",
     "Layer",
     "LayerNorm",
     "LayerNormCache",
@@ -52,5 +77,12 @@ __all__ = [
     "PoolCache",
     "Residual",
     "ResidualCache",
+    "Sequential",
+    "SequentialCache",
     "backprop",
+    "chain_forward",
+    "chain_init",
+    "check_layers",
+    "layer_forward",
+    "split_key",
 ]

@@ -1,27 +1,32 @@
 """The 2-D convolution :class:`Conv2D` (NHWC), its backward written as two more convolutions.
 
-Shared with the pooling layers: the normalisation of ``kernel_size``/``strides``/``padding``
-arguments, their resolution to explicit pads, and the pads of the transposed (backward) window.
+The normalisation of ``kernel_size``/``strides``/``padding`` arguments, their resolution to
+explicit pads, and the pads of the transposed (backward) window are in :mod:`bpjax.layers._init`,
+shared with the pooling layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
 from bpjax import activations as _act
 from bpjax._types import Array, PRNGKey
-from bpjax.layers._dense import _INIT_SCALING
+from bpjax.layers._init import (
+    Pads,
+    check_padding,
+    check_pair,
+    checked_activation,
+    out_spatial,
+    resolve_pads,
+    transposed_pads,
+    truncated_normal_weight,
+)
 
 __all__ = ["Conv2D", "Conv2DCache"]
-
-Pads = tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
-Padding = str | Pads  # "SAME", "VALID" or explicit pads
 
 _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")  # the forward: images NHWC, kernel (kh, kw, C_in, C_out)
 # dx: the flipped kernel read with its in/out axes swapped (HWOI), so no transpose is copied
@@ -29,106 +34,6 @@ _NHWC_HWOI = ("NHWC", "HWOI", "NHWC")
 # dW: channels of x as the convolution's batch, the batch as its contracted feature axis, δ as the
 # kernel (n → input feature, its channels → output feature); the output comes out as HWIO
 _CHWN_IHWO = ("CHWN", "IHWO", "HWNC")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _pair(name: str, value: Any, *, minimum: int = 1) -> tuple[int, int]:
-    """An int or a pair of ints ``>= minimum`` as ``(along H, along W)``."""
-    if _is_int(value):
-        value = (value, value)
-    if (
-        isinstance(value, Sequence)
-        and not isinstance(value, str)
-        and len(value) == 2
-        and all(_is_int(v) and v >= minimum for v in value)
-    ):
-        return int(value[0]), int(value[1])
-    raise ValueError(
-        f"{name}: expected an integer >= {minimum} or a pair of them (along H, along W), "
-        f"got {value!r}."
-    )
-
-
-def _padding(value: Any) -> Padding:
-    """``"SAME"``/``"VALID"`` (any case), ``p``, ``(ph, pw)``, ``((top, bot), (left, right))``."""
-    if isinstance(value, str):
-        if value.upper() in ("SAME", "VALID"):
-            return value.upper()
-    elif _is_int(value) and value >= 0:
-        return ((value, value), (value, value))
-    elif isinstance(value, Sequence) and len(value) == 2:
-        if all(_is_int(v) and v >= 0 for v in value):
-            return ((value[0], value[0]), (value[1], value[1]))
-        if all(
-            isinstance(v, Sequence) and len(v) == 2 and all(_is_int(p) and p >= 0 for p in v)
-            for v in value
-        ):
-            (t, b), (l, r) = value
-            return ((int(t), int(b)), (int(l), int(r)))
-    raise ValueError(
-        f"padding: expected 'SAME', 'VALID', a non-negative integer p, a pair (ph, pw) or "
-        f"((top, bottom), (left, right)), got {value!r}."
-    )
-
-
-def _resolve_pads(
-    spatial: tuple[int, int], window: tuple[int, int], strides: tuple[int, int], padding: Padding
-) -> Pads:
-    """Explicit pads: ``"SAME"``/``"VALID"`` through :func:`jax.lax.padtype_to_pads`."""
-    if isinstance(padding, str):
-        (t, b), (l, r) = lax.padtype_to_pads(spatial, window, strides, padding)
-        return ((int(t), int(b)), (int(l), int(r)))
-    return padding
-
-
-def _out_size(size: int, pads: tuple[int, int], window: int, stride: int) -> int:
-    """``⌊(size + pads − window) / stride⌋ + 1`` output positions along one axis (< 1: none)."""
-    return (size + pads[0] + pads[1] - window) // stride + 1
-
-
-def _out_spatial(
-    what: str,
-    in_shape: tuple[int, ...],
-    window: tuple[int, int],
-    strides: tuple[int, int],
-    padding: Padding,
-    *,
-    arg: str = "in_shape",
-) -> tuple[Pads, tuple[int, int]]:
-    """The explicit pads and output ``(H_out, W_out)`` of a window over an ``(H, W, C)`` input."""
-    if len(in_shape) != 3:
-        raise ValueError(
-            f"{arg}: {what} takes NHWC inputs, (batch, H, W, C); expected an example shape "
-            f"(H, W, C), got {tuple(in_shape)}. Add a channel axis of size 1 to single-channel "
-            "images."
-        )
-    spatial = (int(in_shape[0]), int(in_shape[1]))
-    pads = _resolve_pads(spatial, window, strides, padding)
-    out = tuple(_out_size(*a) for a in zip(spatial, pads, window, strides, strict=True))
-    if min(out) < 1:
-        raise ValueError(
-            f"{arg}: the {window[0]}×{window[1]} window of {what} does not fit the "
-            f"{spatial[0]}×{spatial[1]} input with pads {pads}; use a smaller window, more "
-            "padding or padding='SAME'."
-        )
-    return pads, (out[0], out[1])
-
-
-def _transposed_pads(size: int, pads: tuple[int, int], window: int, stride: int) -> tuple[int, int]:
-    """Pads of the transposed window that maps ``∂C/∂y`` (dilated by ``stride``) back onto ``x``.
-
-    ``y[p] = Σ_i x_pad[s p + i] w[i]`` so ``∂C/∂x[h] = Σ_i d[h + lo' − (k−1) + i'] w[k−1−i']``
-    over the dilated ``d[s p] = ∂C/∂y[p]`` (zeros between): a stride-1 correlation with the flipped
-    window, ``d`` padded by ``(k − 1 − lo, k − 1 − hi + r)`` where
-    ``r = (size + lo + hi − k) mod s`` counts the rows the forward's stride never reached (they
-    get zero gradient). Pads may be negative: then they crop.
-    """
-    lo, hi = pads
-    rest = (size + lo + hi - window) % stride
-    return window - 1 - lo, window - 1 - hi + rest
 
 
 def _dodge_group_dim(
@@ -158,7 +63,7 @@ class Conv2DCache(NamedTuple):
     a: Array  # (batch, H_out, W_out, features): the activation a^l = f(z^l)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class Conv2D:
     """A 2-D convolution over NHWC images, ``z = x ⋆ W + b``, ``a = f(z)``; ``W`` is HWIO.
 
@@ -214,36 +119,40 @@ class Conv2D:
 
     features: int
     kernel_size: int | tuple[int, int]
-    strides: int | tuple[int, int] = 1
-    padding: Any = "VALID"
-    _: dataclasses.KW_ONLY
-    activation: _act.Activation = _act.identity
-    precision: Any = None
+    strides: int | tuple[int, int]
+    padding: Any
+    activation: _act.Activation  # a name is resolved to its Activation by __init__
+    precision: Any
 
-    def __post_init__(self) -> None:
-        if not _is_int(self.features) or self.features < 1:
-            raise ValueError(f"features: expected a positive integer, got {self.features!r}.")
-        object.__setattr__(self, "kernel_size", _pair("kernel_size", self.kernel_size))
-        object.__setattr__(self, "strides", _pair("strides", self.strides))
-        object.__setattr__(self, "padding", _padding(self.padding))
-        act = _act.get_activation(self.activation)
-        if act.init not in _INIT_SCALING:
-            raise ValueError(
-                f"activation: {act.name!r} has init={act.init!r}; expected one of "
-                f"{', '.join(sorted(_INIT_SCALING))}."
-            )
-        object.__setattr__(self, "activation", act)
+    def __init__(
+        self,
+        features: int,
+        kernel_size: int | tuple[int, int],
+        strides: int | tuple[int, int] = 1,
+        padding: Any = "VALID",
+        *,
+        activation: str | _act.Activation = "identity",
+        precision: Any = None,
+    ) -> None:
+        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+            raise ValueError(f"features: expected a positive integer, got {features!r}.")
+        object.__setattr__(self, "features", features)
+        object.__setattr__(self, "kernel_size", check_pair("kernel_size", kernel_size))
+        object.__setattr__(self, "strides", check_pair("strides", strides))
+        object.__setattr__(self, "padding", check_padding(padding))
+        object.__setattr__(self, "activation", checked_activation(activation))
+        object.__setattr__(self, "precision", precision)
 
     @property
     def _window(self) -> tuple[int, int]:
-        return self.kernel_size  # type: ignore[return-value]  # a pair after __post_init__
+        return self.kernel_size  # type: ignore[return-value]  # a pair after __init__
 
     @property
     def _strides(self) -> tuple[int, int]:
-        return self.strides  # type: ignore[return-value]  # a pair after __post_init__
+        return self.strides  # type: ignore[return-value]  # a pair after __init__
 
     def _pads(self, x_shape: tuple[int, ...]) -> Pads:
-        return _resolve_pads((x_shape[1], x_shape[2]), self._window, self._strides, self.padding)
+        return resolve_pads((x_shape[1], x_shape[2]), self._window, self._strides, self.padding)
 
     def init(
         self, key: PRNGKey, in_shape: tuple[int, ...], dtype: Any = jnp.float32
@@ -264,14 +173,14 @@ class Conv2D:
         Raises:
           ValueError: ``in_shape`` is not ``(H, W, C)`` or the kernel does not fit it.
         """
-        _, (h_out, w_out) = _out_spatial(
+        _, (h_out, w_out) = out_spatial(
             "Conv2D", in_shape, self._window, self._strides, self.padding
         )
-        initializer = jax.nn.initializers.variance_scaling(
-            *_INIT_SCALING[self.activation.init], "truncated_normal", in_axis=-2, out_axis=-1
-        )
+        w_shape = (*self._window, int(in_shape[2]), self.features)
         params = {
-            "W": initializer(key, (*self._window, int(in_shape[2]), self.features), dtype),
+            "W": truncated_normal_weight(
+                key, w_shape, dtype, self.activation.init, in_axis=-2, out_axis=-1
+            ),
             "b": jnp.zeros((self.features,), dtype),
         }
         return params, (h_out, w_out, self.features)
@@ -325,10 +234,10 @@ class Conv2D:
         grad_b = jnp.sum(delta, axis=(0, 1, 2))
         # ∂C/∂x = dilate_s(δ) ⋆_1 W[::-1, ::-1] with in/out swapped, under the transposed pads
         pads_h, crop_h = _dodge_group_dim(
-            _transposed_pads(x.shape[1], (top, bottom), kh, sh), kh, sh
+            transposed_pads(x.shape[1], (top, bottom), kh, sh), kh, sh
         )
         pads_w, crop_w = _dodge_group_dim(
-            _transposed_pads(x.shape[2], (left, right), kw, sw), kw, sw
+            transposed_pads(x.shape[2], (left, right), kw, sw), kw, sw
         )
         dx = lax.conv_general_dilated(
             delta,
@@ -362,4 +271,4 @@ class Conv2D:
                 f"x: Conv2D takes NHWC inputs (batch, H, W, {w_shape[2]}), got shape "
                 f"{jnp.shape(x)}."
             )
-        _out_spatial("Conv2D", x.shape[1:], self._window, self._strides, self.padding, arg="x")
+        out_spatial("Conv2D", x.shape[1:], self._window, self._strides, self.padding, arg="x")

@@ -9,7 +9,15 @@ import jax
 
 from bpjax._types import Array, PRNGKey
 
-__all__ = ["Layer", "backprop", "layer_forward"]
+__all__ = [
+    "Layer",
+    "backprop",
+    "chain_forward",
+    "chain_init",
+    "check_layers",
+    "layer_forward",
+    "split_key",
+]
 
 
 class Layer(NamedTuple):
@@ -73,6 +81,40 @@ def split_key(key: PRNGKey | None, count: int) -> list[PRNGKey | None]:
     if key is None:
         return [None] * count
     return [jax.random.fold_in(key, i) for i in range(count)]
+
+
+def chain_init(
+    layers: Sequence[Any], key: PRNGKey, in_shape: tuple[int, ...], dtype: Any
+) -> tuple[list[Any], tuple[int, ...]]:
+    """Each layer's params, initialised in order from ``in_shape``: a chain of ``init`` calls.
+
+    Returns:
+      ``(params, out_shape)``: a list with one params pytree per layer, and the last layer's
+      output shape (without the batch axis).
+    """
+    shape = tuple(in_shape)
+    params = []
+    for layer_key, layer in zip(jax.random.split(key, len(layers)), layers, strict=True):
+        layer_params, shape = layer.init(layer_key, shape, dtype)
+        params.append(layer_params)
+    return params, tuple(shape)
+
+
+def chain_forward(
+    layers: Sequence[Any], params: Sequence[Any], x: Array, key: PRNGKey | None
+) -> tuple[Array, list[Any]]:
+    """The layers' forwards in series: ``y = L_k(… L_1(x))``, and one cache per layer.
+
+    ``key`` is split by position (:func:`split_key`) for the layers that take one; ``None`` is
+    evaluation mode. The caches are what :func:`backprop` takes back.
+    """
+    caches = []
+    for layer, layer_params, layer_key in zip(
+        layers, params, split_key(key, len(layers)), strict=True
+    ):
+        x, cache = layer_forward(layer, layer_params, x, layer_key)
+        caches.append(cache)
+    return x, caches
 
 
 def backprop(

@@ -5,43 +5,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 
 from bpjax import activations as _act
 from bpjax._types import Array, PRNGKey
+from bpjax.layers._init import (
+    checked_activation,
+    truncated_normal_weight,
+    weight_grad,
+)
 
 __all__ = ["Dense", "DenseCache"]
-
-# variance = scale / fan: He 2/n_in, Glorot 2/(n_in + n_out) = 1/fan_avg
-_INIT_SCALING: dict[str, tuple[float, Any]] = {
-    "he": (2.0, "fan_in"),
-    "glorot": (1.0, "fan_avg"),
-}
-
-# 2·B·n_l·n_{l-1} FLOPs above which ∇W materialises δᵀ on CPU (see _weight_grad). Measured with
-# benchmarks/bench_mlp.py on a 2-core x86 CPU: a 2048×2048 ∇W at B=512 runs 28% faster through the
-# copy; 2048×1024 at B=512 breaks even; at 512×784 and B=256 the copy costs the whole step ~3%.
-_MATERIALISE_DELTA_T_FLOPS = 2**31
-
-
-def _weight_grad(delta: Array, a_prev: Array) -> Array:
-    """``δᵀ a_prev``, shape ``(n_l, n_{l-1})``: the batch-summed outer products.
-
-    XLA:CPU hands a dot to its fast library (YNNPACK) only when the left operand is not
-    transposed, and folds a plain ``δ.T`` into the dot; so for large dots on CPU ``δᵀ`` is
-    materialised first, an O(B·n_l) copy that makes the O(B·n_l·n_{l-1}) dot up to 28% faster.
-    Small dots and other platforms take ``δ.T`` as it is.
-    """
-    (batch, n_out), n_in = delta.shape, a_prev.shape[-1]
-    if 2 * batch * n_out * n_in <= _MATERIALISE_DELTA_T_FLOPS:
-        return delta.T @ a_prev
-    return jax.lax.platform_dependent(
-        delta,
-        a_prev,
-        cpu=lambda d, a: jax.lax.optimization_barrier(d.T) @ a,
-        default=lambda d, a: d.T @ a,
-    )
 
 
 class DenseCache(NamedTuple):
@@ -52,7 +26,7 @@ class DenseCache(NamedTuple):
     a: Array  # (batch, ..., n_out): the activation a^l = f(z^l)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class Dense:
     """A fully connected layer ``z = x Wᵀ + b``, ``a = f(z)``; ``W`` has shape ``(n_out, n_in)``.
 
@@ -71,18 +45,13 @@ class Dense:
     """
 
     n_out: int
-    activation: _act.Activation = _act.identity
+    activation: _act.Activation  # a name is resolved to its Activation by __init__
 
-    def __post_init__(self) -> None:
-        if isinstance(self.n_out, bool) or not isinstance(self.n_out, int) or self.n_out < 1:
-            raise ValueError(f"n_out: expected a positive integer, got {self.n_out!r}.")
-        act = _act.get_activation(self.activation)
-        if act.init not in _INIT_SCALING:
-            raise ValueError(
-                f"activation: {act.name!r} has init={act.init!r}; expected one of "
-                f"{', '.join(sorted(_INIT_SCALING))}."
-            )
-        object.__setattr__(self, "activation", act)
+    def __init__(self, n_out: int, activation: str | _act.Activation = "identity") -> None:
+        if isinstance(n_out, bool) or not isinstance(n_out, int) or n_out < 1:
+            raise ValueError(f"n_out: expected a positive integer, got {n_out!r}.")
+        object.__setattr__(self, "n_out", n_out)
+        object.__setattr__(self, "activation", checked_activation(activation))
 
     def init(
         self, key: PRNGKey, in_shape: tuple[int, ...], dtype: Any = jnp.float32
@@ -101,11 +70,8 @@ class Dense:
                 "shape (); give each example at least one feature axis."
             )
         *lead, n_in = in_shape
-        initializer = jax.nn.initializers.variance_scaling(
-            *_INIT_SCALING[self.activation.init], "truncated_normal", in_axis=-1, out_axis=-2
-        )
         params = {
-            "W": initializer(key, (self.n_out, n_in), dtype),
+            "W": truncated_normal_weight(key, (self.n_out, n_in), dtype, self.activation.init),
             "b": jnp.zeros((self.n_out,), dtype),
         }
         return params, (*lead, self.n_out)
@@ -129,7 +95,7 @@ class Dense:
         """
         n_out, n_in = params["W"].shape
         flat_delta, flat_x = delta.reshape(-1, n_out), cache.x.reshape(-1, n_in)
-        grads = {"W": _weight_grad(flat_delta, flat_x), "b": jnp.sum(flat_delta, axis=0)}
+        grads = {"W": weight_grad(flat_delta, flat_x), "b": jnp.sum(flat_delta, axis=0)}
         return grads, delta @ params["W"]
 
     def backward(

@@ -13,7 +13,14 @@ import numpy as np
 from jax import lax
 
 from bpjax._types import Array, PRNGKey
-from bpjax.layers._conv import Pads, _out_spatial, _padding, _pair, _resolve_pads, _transposed_pads
+from bpjax.layers._init import (
+    Pads,
+    check_padding,
+    check_pair,
+    out_spatial,
+    resolve_pads,
+    transposed_pads,
+)
 
 __all__ = ["AvgPool2D", "MaxPool2D", "PoolCache"]
 
@@ -69,11 +76,11 @@ class _Pool2D:
     padding: Any = "VALID"
 
     def __post_init__(self) -> None:
-        window = _pair("window", self.window)
+        window = check_pair("window", self.window)
         object.__setattr__(self, "window", window)
-        strides = window if self.strides is None else _pair("strides", self.strides)
+        strides = window if self.strides is None else check_pair("strides", self.strides)
         object.__setattr__(self, "strides", strides)
-        padding = _padding(self.padding)
+        padding = check_padding(self.padding)
         if not isinstance(padding, str) and any(
             p >= k for pads, k in zip(padding, window, strict=True) for p in pads
         ):
@@ -92,7 +99,7 @@ class _Pool2D:
         return self.strides  # type: ignore[return-value]  # a pair after __post_init__
 
     def _pads(self, x_shape: tuple[int, ...]) -> Pads:
-        return _resolve_pads((x_shape[1], x_shape[2]), self._window, self._strides, self.padding)
+        return resolve_pads((x_shape[1], x_shape[2]), self._window, self._strides, self.padding)
 
     def _reduce_window_args(self, x_shape: tuple[int, ...]) -> dict[str, Any]:
         (top, bottom), (left, right) = self._pads(x_shape)
@@ -112,14 +119,14 @@ class _Pool2D:
         """
         del key, dtype
         name = type(self).__name__
-        _, (h_out, w_out) = _out_spatial(name, in_shape, self._window, self._strides, self.padding)
+        _, (h_out, w_out) = out_spatial(name, in_shape, self._window, self._strides, self.padding)
         return {}, (h_out, w_out, int(in_shape[2]))
 
     def _check_input(self, x: Array) -> None:
         name = type(self).__name__
         if jnp.ndim(x) != 4:
             raise ValueError(f"x: {name} takes NHWC inputs (batch, H, W, C), got {jnp.shape(x)}.")
-        _out_spatial(name, x.shape[1:], self._window, self._strides, self.padding, arg="x")
+        out_spatial(name, x.shape[1:], self._window, self._strides, self.padding, arg="x")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,8 +300,8 @@ class AvgPool2D(_Pool2D):
             window_strides=(1, 1, 1, 1),
             padding=(
                 (0, 0),
-                _transposed_pads(x.shape[1], pads_h, kh, sh),
-                _transposed_pads(x.shape[2], pads_w, kw, sw),
+                transposed_pads(x.shape[1], pads_h, kh, sh),
+                transposed_pads(x.shape[2], pads_w, kw, sw),
                 (0, 0),
             ),
             base_dilation=(1, sh, sw, 1),

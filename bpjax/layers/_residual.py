@@ -6,11 +6,10 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 
 from bpjax._types import Array, PRNGKey
-from bpjax.layers._core import backprop, check_layers, layer_forward, split_key
+from bpjax.layers._core import backprop, chain_forward, chain_init, check_layers
 
 __all__ = ["Residual", "ResidualCache"]
 
@@ -87,11 +86,7 @@ class Residual:
           ValueError: the branch's output shape is not ``in_shape``.
         """
         in_shape = tuple(in_shape)
-        shape = in_shape
-        params = []
-        for k, layer in zip(jax.random.split(key, len(self.layers)), self.layers, strict=True):
-            layer_params, shape = layer.init(k, shape, dtype)
-            params.append(layer_params)
+        params, shape = chain_init(self.layers, key, in_shape, dtype)
         if tuple(shape) != in_shape:
             raise ValueError(
                 f"layers: a Residual's branch must keep the shape of its input for y = x + F(x), "
@@ -114,13 +109,7 @@ class Residual:
                 f"params: expected one pytree per branch layer ({len(self.layers)}), "
                 f"got {len(params)}."
             )
-        h = x
-        caches = []
-        for layer, layer_params, k in zip(
-            self.layers, params, split_key(key, len(self.layers)), strict=True
-        ):
-            h, cache = layer_forward(layer, layer_params, h, k)  # the branch F, layer by layer
-            caches.append(cache)
+        h, caches = chain_forward(self.layers, params, x, key)  # the branch F
         return x + h, ResidualCache(caches)  # y = x + F(x)
 
     def backward(

@@ -1,0 +1,70 @@
+"""The ``bpjax`` command line: ``bpjax check`` and ``bpjax train``.
+
+``bpjax check`` (:mod:`bpjax.cli.check`) runs the verification matrix: every activation × every
+loss, in float32 and float64, on random MLPs of several depths (:mod:`bpjax.cli.matrix`), and a
+small network around each of the other layers (:mod:`bpjax.cli.networks`), each checked against
+JAX autodiff and timed (:mod:`bpjax.cli.runner`), in one table (:mod:`bpjax.cli.table`); the exit
+status is 1 when any check fails.
+
+``bpjax train`` (:mod:`bpjax.cli.train`) trains an MLP on a built-in data set or a ``.npz`` file.
+
+The argument types both commands share are in :mod:`bpjax.cli.options`. Heavy imports (jax, rich,
+matplotlib) happen inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from bpjax.cli.check import add_check_parser
+from bpjax.cli.matrix import Case, build_matrix, case_data
+from bpjax.cli.networks import LAYER_NETWORKS, LayerCase, build_layer_matrix, layer_case_data
+from bpjax.cli.runner import CaseResult, check_case, run_matrix
+from bpjax.cli.train import add_train_parser
+
+__all__ = [
+    "LAYER_NETWORKS",
+    "Case",
+    "CaseResult",
+    "LayerCase",
+    "build_layer_matrix",
+    "build_matrix",
+    "case_data",
+    "check_case",
+    "layer_case_data",
+    "main",
+    "run_matrix",
+]
+
+
+def _parser() -> argparse.ArgumentParser:
+    import bpjax as bp
+
+    parser = argparse.ArgumentParser(
+        prog="bpjax",
+        description="bpjax: backpropagation written out by hand in JAX, proven against autodiff.",
+    )
+    parser.add_argument("--version", action="version", version=f"bpjax {bp.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_check_parser(commands)
+    add_train_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``bpjax`` command line; returns the exit status.
+
+    Args:
+      argv: the arguments after the program name; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+      0 when everything passed, 1 when a check failed (``check``) or the loss stopped being
+      finite (``train``), 2 for bad arguments or a bad data file.
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version and argument errors
+        return int(exit_.code or 0)
+    return args.run(args)

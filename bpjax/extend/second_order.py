@@ -1,0 +1,412 @@
+"""Curvature and second order: the loss-Hessian factor sent down the δ-recursion, and forward mode.
+
+With ``H_n = S_n D_n S_nᵀ`` (:func:`loss_hessian_factor`), each column of ``S_n`` handed to the
+δ-recursion as the output error gives the ``δ^l_{n,c}`` from which :func:`diag_ggn`,
+:func:`diag_ggn_mc` and :func:`kfac_factors` contract the GGN (see :mod:`bpjax.extend` for the
+maths); :func:`kfac_precondition` and :func:`kfac_preconditioner` apply the damped KFAC inverse;
+:func:`hvp` is forward mode over the hand-written backward and :func:`levenberg_marquardt_step`
+solves the damped Gauss-Newton system.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+
+from bpjax import activations as _act
+from bpjax import losses as _losses
+from bpjax._types import Array, Grads, Params, PRNGKey
+from bpjax.extend.passes import (
+    ForwardPass,
+    check_like_params,
+    check_net,
+    check_positive,
+    compiled,
+    example_deltas,
+    factor_deltas,
+    forward,
+    loss_from_z,
+)
+from bpjax.layers import DenseCache
+
+__all__ = [
+    "KFACFactors",
+    "curvature_deltas",
+    "diag_ggn",
+    "diag_ggn_mc",
+    "hvp",
+    "kfac_factors",
+    "kfac_precondition",
+    "kfac_preconditioner",
+    "levenberg_marquardt_step",
+    "loss_hessian_factor",
+    "signed_square_sum",
+]
+
+
+class KFACFactors(NamedTuple):
+    """One layer's Kronecker factors; ``A ⊗ G`` approximates its GGN block (see kfac_factors)."""
+
+    A: Array  # (n_{l-1} + 1, n_{l-1} + 1): (1/B) Σ_n ā_n ā_nᵀ, ā = [a^{l-1}; 1]
+    G: Array  # (n_l, n_l): (1/B) Σ_n Σ_c d_{n,c} δ^l_{n,c} (δ^l_{n,c})ᵀ
+
+
+def loss_hessian_factor(net: Any, z: Array, y: Array) -> tuple[Array, Array | None]:
+    """A factor ``S_n D_n S_nᵀ = H_n = ∂²C_n/∂(z^L_n)²`` of the loss Hessian at the output.
+
+    Closed form for the canonical pairs (the table of :mod:`bpjax.extend`); every other pair by
+    ``jax.hessian`` of the per-example loss in ``z^L_n`` and its eigendecomposition.
+
+    Args:
+      net: a :class:`bpjax.MLP` or a serial network of Dense layers.
+      z: the output weighted input ``z^L``, shape ``(batch, n_L)``.
+      y: targets as the loss takes them (checked ones: integer labels or ``(batch, n_L)``).
+
+    Returns:
+      ``(S, signs)``: ``S`` of shape ``(batch, n_L, k)`` and ``signs`` of shape ``(batch, k)``
+      with the ±1 of ``D_n``, or ``None`` when ``D_n = I`` (the canonical pairs).
+    """
+    check_net(net)
+    act, loss = net.layers[-1].activation, net.objective
+    n = z.shape[-1]
+    eye = jnp.eye(n, dtype=z.dtype)
+    if (act, loss) == (_act.identity, _losses.squared_error):
+        return jnp.broadcast_to(eye, (z.shape[0], n, n)), None
+    if (act, loss) == (_act.sigmoid, _losses.binary_cross_entropy):
+        p = jax.nn.sigmoid(z)
+        return jnp.sqrt(p * (1 - p))[:, :, None] * eye, None
+    if (act, loss) == (_act.softmax, _losses.cross_entropy):
+        p = jax.nn.softmax(z, axis=-1)
+        sqrt_p = jnp.sqrt(p)
+        factor = sqrt_p[:, :, None] * eye - p[:, :, None] * sqrt_p[:, None, :]
+        if y.ndim == 2:  # H = (Σ_j y_j)(diag p − p pᵀ) for a target vector
+            factor = factor * jnp.sqrt(jnp.sum(y, axis=-1))[:, None, None]
+        return factor, None
+
+    def one(z_n: Array, y_n: Array) -> Array:
+        return loss_from_z(net, z_n[None], y_n[None])[0]
+
+    hess = jax.vmap(jax.hessian(one))(z, y)
+    hess = 0.5 * (hess + jnp.swapaxes(hess, 1, 2))
+    eigvals, eigvecs = jnp.linalg.eigh(hess)
+    return eigvecs * jnp.sqrt(jnp.abs(eigvals))[:, None, :], jnp.sign(eigvals)
+
+
+def curvature_deltas(
+    net: Any, params: Params, fwd: ForwardPass
+) -> tuple[list[Array], Array | None]:
+    """The loss-Hessian factor's columns sent down the δ-recursion, and its signs.
+
+    Returns:
+      ``(deltas, signs)``: per layer ``δ^l_{n,c}`` of shape ``(k, batch, n_l)``, and ``signs`` as
+      :func:`loss_hessian_factor` returns them.
+    """
+    factor, signs = loss_hessian_factor(net, fwd.z, fwd.y)
+    return factor_deltas(net, params, fwd.cache, factor), signs
+
+
+def signed_square_sum(deltas_c: Array, signs: Array | None) -> Array:
+    """``Σ_c d_{n,c} (δ_{n,c})²``, shape ``(batch, n_l)``, from ``(k, batch, n_l)``."""
+    sq = deltas_c * deltas_c
+    if signs is not None:
+        sq = sq * signs.T[:, :, None]
+    return jnp.sum(sq, axis=0)
+
+
+def _diag_from_factor_deltas(
+    column_deltas: Sequence[Array], signs: Array | None, caches: Sequence[DenseCache]
+) -> Grads:
+    out = []
+    for d, c in zip(column_deltas, caches, strict=True):
+        batch = c.x.shape[0]
+        d2 = signed_square_sum(d, signs)
+        out.append({"W": d2.T @ (c.x * c.x) / batch, "b": jnp.sum(d2, axis=0) / batch})
+    return out
+
+
+@compiled()
+def diag_ggn(net: Any, params: Params, x: Array, y: Array) -> Grads:
+    """The exact diagonal of the generalised Gauss-Newton matrix ``(1/B) Σ_n J_nᵀ H_n J_n``.
+
+    ``J_n = ∂z^L_n/∂θ`` and ``H_n = ∂²C_n/∂(z^L_n)²``. With ``H_n = S_n D_n S_nᵀ``
+    (:func:`loss_hessian_factor`), each column ``s_{n,c}`` goes down the δ-recursion as an output
+    error, giving ``δ^l_{n,c}``, and
+
+        diag(GGN)_{W^l} = (1/B) Σ_n Σ_c d_{n,c} (δ^l_{n,c} ∘ δ^l_{n,c}) (a^{l-1}_n ∘ a^{l-1}_n)ᵀ
+        diag(GGN)_{b^l} = (1/B) Σ_n Σ_c d_{n,c} δ^l_{n,c} ∘ δ^l_{n,c}
+
+    One recursion per column of ``S`` (``k = n_L``), without the weight-gradient products.
+
+    Args:
+      net, params, x, y: as for :func:`~bpjax.extend.batch_grad`.
+
+    Returns:
+      Like params.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bpjax as bp
+      >>> net = bp.MLP((3, 4, 2), ("tanh", "identity"), "squared_error")
+      >>> params = net.init(jax.random.key(0))
+      >>> d = diag_ggn(net, params, jnp.ones((5, 3)), jnp.zeros((5, 2)))
+      >>> bool(d[1]["b"][0] == 1.0)  # identity + ½‖y − z‖²: ∂z^L/∂b^L = I, H = I
+      True
+    """
+    fwd = forward(net, params, x, y)
+    column_deltas, signs = curvature_deltas(net, params, fwd)
+    return _diag_from_factor_deltas(column_deltas, signs, fwd.caches)
+
+
+def _sampled_factor(net: Any, z: Array, y: Array, key: PRNGKey, samples: int) -> Array:
+    """``(batch, n_L, samples)``: ``∂C_n(ŷ, z)/∂z`` for targets ``ŷ`` drawn from the model."""
+    act, loss = net.layers[-1].activation, net.objective
+    batch, n = z.shape
+    shape = (samples, batch, n)
+    if (act, loss) == (_act.identity, _losses.squared_error):
+        g = jax.random.normal(key, shape, z.dtype)  # ŷ ~ N(z, I): z − ŷ = −ε
+    elif (act, loss) == (_act.sigmoid, _losses.binary_cross_entropy):
+        p = jax.nn.sigmoid(z)
+        g = p - jax.random.bernoulli(key, p, shape).astype(z.dtype)
+    elif (act, loss) == (_act.softmax, _losses.cross_entropy):
+        p = jax.nn.softmax(z, axis=-1)
+        labels = jax.random.categorical(key, z, axis=-1, shape=(samples, batch))
+        g = p - jax.nn.one_hot(labels, n, dtype=z.dtype)
+        if y.ndim == 2:
+            g = g * jnp.sqrt(jnp.sum(y, axis=-1))[:, None]
+    else:
+        raise ValueError(
+            f"net: diag_ggn_mc samples targets from the model's likelihood, which only the "
+            f"canonical pairs define (softmax + cross_entropy, sigmoid + binary_cross_entropy, "
+            f"identity + squared_error); got {act.name!r} + {loss.name!r}. Use diag_ggn."
+        )
+    return jnp.moveaxis(g, 0, 2) / jnp.sqrt(jnp.asarray(samples, z.dtype))
+
+
+@compiled(static_argnames=("mc_samples",))
+def diag_ggn_mc(
+    net: Any, params: Params, x: Array, y: Array, key: PRNGKey, *, mc_samples: int = 1
+) -> Grads:
+    """A Monte-Carlo estimate of :func:`diag_ggn` with targets sampled from the model.
+
+    For a canonical pair ``H_n = E_{ŷ ~ p(·|z^L_n)}[g gᵀ]`` with ``g = ∂C_n(ŷ, z)/∂z^L_n``
+    (``p − onehot(ŷ)``, ``ŷ ~ Categorical(p)``; ``p − ŷ``, ``ŷ ~ Bernoulli(p)``; ``z − ŷ``,
+    ``ŷ ~ N(z, I)``), so ``S_n = [g_1 … g_M] / √M`` is an unbiased factor (the empirical Fisher
+    would use the true ``y`` instead). The rest is :func:`diag_ggn` with ``k = M`` columns.
+
+    Args:
+      net, params, x, y: as for :func:`~bpjax.extend.batch_grad`; ``y`` is only checked (and
+        scales the cross-entropy Hessian for target vectors that do not sum to 1).
+      key: a ``jax.random.key``.
+      mc_samples: ``M ≥ 1``, the number of sampled targets per example.
+
+    Returns:
+      Like params.
+
+    Raises:
+      ValueError: a non-canonical (output activation, loss) pair, or ``mc_samples < 1``.
+    """
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples: expected a positive integer, got {mc_samples!r}.")
+    fwd = forward(net, params, x, y)
+    factor = _sampled_factor(net, fwd.z, fwd.y, key, mc_samples)
+    column_deltas = factor_deltas(net, params, fwd.cache, factor)
+    return _diag_from_factor_deltas(column_deltas, None, fwd.caches)
+
+
+@compiled()
+def kfac_factors(net: Any, params: Params, x: Array, y: Array) -> list[KFACFactors]:
+    """Per layer the Kronecker factors ``A^l`` and ``G^l`` of the KFAC approximation of the GGN.
+
+    ``A^l = (1/B) Σ_n ā_n ā_nᵀ`` with ``ā_n = [a^{l-1}_n; 1]`` and
+    ``G^l = (1/B) Σ_n Σ_c d_{n,c} δ^l_{n,c} (δ^l_{n,c})ᵀ`` from the backpropagated loss-Hessian
+    factor (as in :func:`diag_ggn`). For the layer's parameters ``W̄ = [W | b]`` of shape
+    ``(n_l, n_{l-1} + 1)``, flattened row-major (``W̄.ravel()``), the GGN block is approximated by
+    ``G ⊗ A`` (``A ⊗ G`` for the column-major ``vec``); exact for a batch of one example.
+
+    Args:
+      net, params, x, y: as for :func:`~bpjax.extend.batch_grad`.
+
+    Returns:
+      One :class:`KFACFactors` per layer.
+    """
+    fwd = forward(net, params, x, y)
+    column_deltas, signs = curvature_deltas(net, params, fwd)
+    out = []
+    for d, c in zip(column_deltas, fwd.caches, strict=True):
+        batch = c.x.shape[0]
+        a_bar = jnp.concatenate([c.x, jnp.ones((batch, 1), c.x.dtype)], axis=1)
+        weighted = d if signs is None else d * signs.T[:, :, None]
+        k = d.shape[0]
+        g = weighted.reshape(k * batch, -1).T @ d.reshape(k * batch, -1) / batch
+        out.append(KFACFactors(A=a_bar.T @ a_bar / batch, G=g))
+    return out
+
+
+def _damped_cholesky(m: Array, damping: Any) -> tuple[Array, bool]:
+    """``(m + λI)^{-1}`` as a Cholesky factor, for symmetric PSD ``m``."""
+    eye = jnp.eye(m.shape[0], dtype=m.dtype)
+    return jax.scipy.linalg.cho_factor(m + jnp.asarray(damping, m.dtype) * eye, lower=True)
+
+
+def kfac_precondition(grads: Grads, factors: Sequence[KFACFactors], *, damping: float) -> Grads:
+    """``(G + λI)^{-1} ∇W̄ (A + λI)^{-1}`` per layer, ``∇W̄ = [∇W | ∇b]`` (``(n_l, n_{l-1} + 1)``).
+
+    The inverse of the damped KFAC approximation ``(G + λI) ⊗ (A + λI)`` applied to the gradient.
+
+    Args:
+      grads: like params (e.g. from ``net.value_and_grad``).
+      factors: from :func:`kfac_factors`, one per layer.
+      damping: ``λ > 0``, added to both factors.
+
+    Returns:
+      Like params: the preconditioned gradient.
+
+    Raises:
+      ValueError: ``damping`` not positive, or ``factors`` not one per layer of ``grads``.
+    """
+    check_positive(damping, "damping")
+    if len(factors) != len(grads):
+        raise ValueError(
+            f"factors: expected one KFACFactors per layer ({len(grads)}), got {len(factors)}."
+        )
+    return _kfac_precondition(grads, list(factors), damping)
+
+
+@jax.jit
+def _kfac_precondition(grads: Grads, factors: list[KFACFactors], damping: Array) -> Grads:
+    out = []
+    for g, f in zip(grads, factors, strict=True):
+        w_bar = jnp.concatenate([g["W"], g["b"][:, None]], axis=1)
+        left = jax.scipy.linalg.cho_solve(_damped_cholesky(f.G, damping), w_bar)
+        right = jax.scipy.linalg.cho_solve(_damped_cholesky(f.A, damping), left.T).T
+        out.append({"W": right[:, :-1], "b": right[:, -1]})
+    return out
+
+
+def kfac_preconditioner(*, damping: float) -> optax.GradientTransformationExtraArgs:
+    """An optax transformation applying :func:`kfac_precondition` to the updates.
+
+    Its ``update(updates, state, params=None, *, kfac_factors)`` takes the factors as an extra
+    argument; chain it before a learning rate, e.g.
+    ``optax.chain(kfac_preconditioner(damping=1e-3), optax.sgd(0.1))`` and call
+    ``opt.update(grads, state, params, kfac_factors=kfac_factors(net, params, x, y))``.
+
+    Args:
+      damping: ``λ > 0``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with an empty state.
+    """
+    check_positive(damping, "damping")
+
+    def init(params: Any) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update(
+        updates: Grads,
+        state: optax.EmptyState,
+        params: Any = None,
+        *,
+        kfac_factors: Sequence[KFACFactors] | None = None,
+        **extra: Any,
+    ) -> tuple[Grads, optax.EmptyState]:
+        del params, extra
+        if kfac_factors is None:
+            raise ValueError(
+                "kfac_factors: kfac_preconditioner's update needs "
+                "kfac_factors=bpjax.extend.kfac_factors(net, params, x, y)."
+            )
+        return kfac_precondition(updates, kfac_factors, damping=damping), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+# -- second order --------------------------------------------------------------------------------
+
+
+@compiled()
+def hvp(net: Any, params: Params, x: Array, y: Array, v: Params) -> Grads:
+    """The Hessian-vector product ``∇²_θ C v``: forward mode over the hand-written backward.
+
+    ``jax.jvp`` of ``θ ↦ ∇_θ C`` (the forward pass and the δ-recursion) along ``v``: the exact
+    Hessian of the batch-mean loss (not the GGN) times ``v``, about the cost of two backward
+    passes, with no Hessian formed.
+
+    Args:
+      net, params, x, y: as for :func:`~bpjax.extend.batch_grad`.
+      v: the direction, with the params' tree and shapes (cast to their dtype).
+
+    Returns:
+      Like params.
+
+    Raises:
+      ValueError: ``v`` does not match the params' tree or shapes.
+    """
+    check_net(net)
+    v = check_like_params(v, params, "v")
+
+    def grad(p: Params) -> Grads:
+        return net.value_and_grad(p, x, y)[1]
+
+    return jax.jvp(grad, (params,), (v,))[1]
+
+
+def _jacobian_factor(
+    net: Any, params: Params, x: Array, y: Array
+) -> tuple[Array, Array | None, Array]:
+    """``(M, signs, g)``: ``M = S_nᵀ J_n`` rows of shape ``(batch·k, P)`` and the flat gradient."""
+    fwd = forward(net, params, x, y)
+    column_deltas, signs = curvature_deltas(net, params, fwd)
+    k, batch = column_deltas[0].shape[:2]
+    blocks = []
+    for d, c in zip(column_deltas, fwd.caches, strict=True):
+        # per (column, example) the gradient rows in ravel_pytree's order: W (row-major), then b
+        w = d[:, :, :, None] * c.x[None, :, None, :]
+        blocks += [w.reshape(k * batch, -1), d.reshape(k * batch, -1)]
+    deltas = example_deltas(net, params, fwd)
+    grads = [
+        {"W": d.T @ c.x / batch, "b": jnp.sum(d, axis=0) / batch}
+        for d, c in zip(deltas, fwd.caches, strict=True)
+    ]
+    flat_signs = None if signs is None else signs.T.reshape(k * batch)
+    return jnp.concatenate(blocks, axis=1), flat_signs, ravel_pytree(grads)[0]
+
+
+@compiled(positive=("damping",))
+def levenberg_marquardt_step(
+    net: Any, params: Params, x: Array, y: Array, damping: float
+) -> Params:
+    """One damped Gauss-Newton (Levenberg–Marquardt) step: ``θ + Δ``, ``(GGN + λI) Δ = −∇_θ C``.
+
+    ``GGN = (1/B) Σ_n J_nᵀ H_n J_n = (1/B) Mᵀ D M`` with the rows of ``M`` the per-example,
+    per-column ``s_{n,c}ᵀ J_n = [vec(δ^l_{n,c} (a^{l-1}_n)ᵀ), δ^l_{n,c}]_l``, built by the
+    δ-recursion (:func:`diag_ggn`'s backpropagated loss-Hessian factor). For identity + squared
+    error this is the classical Gauss-Newton ``JᵀJ/B``. The ``P × P`` system (``P`` the number of
+    parameters) is formed and solved densely: for small networks (``P`` up to a few thousand).
+    For a non-canonical output pair the GGN may be indefinite; ``λ`` must then exceed its most
+    negative eigenvalue.
+
+    Args:
+      net, params, x, y: as for :func:`~bpjax.extend.batch_grad`.
+      damping: ``λ > 0``.
+
+    Returns:
+      The updated params.
+
+    Raises:
+      ValueError: ``damping`` not positive.
+    """
+    check_positive(damping, "damping")
+    m, signs, g = _jacobian_factor(net, params, x, y)
+    batch = jnp.shape(x)[0]
+    dm = m if signs is None else m * signs[:, None]
+    ggn = dm.T @ m / batch
+    system = ggn + jnp.asarray(damping, ggn.dtype) * jnp.eye(ggn.shape[0], dtype=ggn.dtype)
+    step = jnp.linalg.solve(system, -g)
+    flat, unravel = ravel_pytree(params)
+    return unravel(flat + step)
