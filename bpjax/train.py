@@ -53,6 +53,7 @@ __all__ = [
     "History",
     "Metrics",
     "TrainState",
+    "check_data",
     "evaluate",
     "fit",
     "get_optimizer",
@@ -395,10 +396,10 @@ def fit(
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("eval_every", eval_every)):
         if value < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value}.")
-    _check_data(net, train, "train")
+    check_data(net, train, "train")
     held_out = None
     if test is not None and len(test) > 0:
-        _check_data(net, test, "test")
+        check_data(net, test, "test")
         held_out = (network_inputs(net, test.x), jnp.asarray(test.y))
     indexed_step = _jitted_step(grad_fn or gradient_fn(net, grad), optimizer)
     base_key = jax.random.key(seed) if net.needs_key else None
@@ -502,24 +503,21 @@ def network_inputs(net: Serial, x: Any) -> Array:
     return x.reshape(x.shape[0], *net.input_shape)
 
 
-def _check_data(net: Serial, data: Dataset, name: str) -> None:
-    """The data's input size and outputs against the network's, with a one-line message."""
+def check_data(net: Serial, data: Dataset, name: str) -> None:
+    """Raises ``ValueError`` (a one-line message starting with ``name``) unless :func:`fit` can
+    train ``net`` on ``data``: float inputs of the network's input size, ``(n_L,)`` outputs per
+    example matching the data's classes or target columns."""
     if getattr(net.layers[0], "integer_input", False):
         raise ValueError(
             f"{name}: the network's first layer ({type(net.layers[0]).__name__}) takes integer "
             "indices, but data sets hold float features; train it with make_train_step."
         )
     shape, out_shape = net.input_shape, net.output_shape
-    n_in, size = shape[0], math.prod(shape)
-    if len(shape) > 1 and data.num_features != size:
+    size = math.prod(shape)
+    if data.num_features != size:
         raise ValueError(
-            f"{name}: the network takes inputs of shape {shape} ({size} values) but the data have "
-            f"{data.num_features} features."
-        )
-    if len(shape) == 1 and data.num_features != n_in:
-        raise ValueError(
-            f"{name}: the network takes n_0 = {n_in} inputs but the data have "
-            f"{data.num_features} features; sizes must start with {data.num_features}."
+            f"{name}: the network takes inputs of shape {shape} ({size} values per example), "
+            f"but the data have {data.num_features} features."
         )
     if len(out_shape) != 1:
         raise ValueError(
@@ -530,6 +528,6 @@ def _check_data(net: Serial, data: Dataset, name: str) -> None:
     if data.num_outputs != n_out:
         what = "classes" if data.num_classes is not None else "target columns"
         raise ValueError(
-            f"{name}: the network has n_L = {n_out} outputs but the data have "
-            f"{data.num_outputs} {what}; sizes must end with {data.num_outputs}."
+            f"{name}: the network has n_L = {n_out} outputs, but the data have "
+            f"{data.num_outputs} {what}."
         )

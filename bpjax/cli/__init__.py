@@ -6,7 +6,8 @@ small network around each of the other layers (:mod:`bpjax.cli.networks`), each 
 JAX autodiff and timed (:mod:`bpjax.cli.runner`), in one table (:mod:`bpjax.cli.table`); the exit
 status is 1 when any check fails.
 
-``bpjax train`` (:mod:`bpjax.cli.train`) trains an MLP on a built-in data set or a ``.npz`` file.
+``bpjax train`` (:mod:`bpjax.cli.train`) trains any network (an MLP, the built-in CNN, or a
+``bp.serial`` network from a Python file) on a built-in data set or a ``.npz`` file.
 
 The argument types both commands share are in :mod:`bpjax.cli.options`. Heavy imports (jax, rich,
 matplotlib) happen inside the functions that need them.
