@@ -427,6 +427,128 @@ def test_networks_match_autodiff_of_the_equations(x64, jit, rnn, many):
     assert deltas[0].shape == (batch, steps, (4 if isinstance(rnn, LSTM) else 1) * rnn.hidden)
 
 
+# -- forward_shifted and check_network: the recorded δ_t against jax.vjp --------------------
+
+
+@pytest.mark.parametrize(
+    "layer", [Elman(4, "tanh"), Elman(4, "relu"), LSTM(4)], ids=["elman-tanh", "elman-relu", "lstm"]
+)
+def test_forward_shifted_is_the_forward_and_its_vjp_is_delta(x64, layer):
+    """Unshifted, ``forward_shifted`` is ``forward``; its vjp in the shift at 0 is the manual δ."""
+    params, x, dy = _random_case(layer, (3, 6, 2, layer.hidden), seed=3, gain=1.5)
+
+    def run(params, x, dy):
+        y, cache = layer.forward(params, x)
+        h, z = layer.forward_shifted(params, x)
+        zero = jnp.zeros_like(z)
+        h0, pullback = jax.vjp(lambda dz: layer.forward_shifted(params, x, dz)[0], zero)
+        return y, h, h0, z, layer.delta(cache, dy), pullback(dy)[0]
+
+    y, h, h0, z, delta, want_delta = jax.jit(run)(params, x, dy)
+    _assert_close((h, h0), (y, y))  # one program: XLA may fuse the copies differently
+    assert z.shape == delta.shape  # the shift has the shape of δ
+    if isinstance(layer, Elman):
+        _assert_close(z, layer.forward(params, x)[1].z)
+    _assert_close(delta, want_delta)
+
+
+def test_forward_shifted_shifts_every_later_step_and_checks_its_shape(x64):
+    layer = Elman(3)
+    params, x, _ = _random_case(layer, (2, 4, 2, 3), seed=0)
+    h, z = layer.forward_shifted(params, x)
+    dz = jnp.zeros((2, 4, 3)).at[:, 1].set(0.5)  # a shift at step 1 (0-based) only
+    h_shifted, z_shifted = layer.forward_shifted(params, x, dz)
+    _assert_close(z_shifted[:, :2], z[:, :2] + dz[:, :2])  # z_1 + dz_1, the shift is in z
+    _assert_close(h_shifted, elman_reference(params, x, dz=dz))  # and in the later steps
+    changed = np.abs(np.asarray(h_shifted - h)).sum(axis=(0, 2)) > 0
+    np.testing.assert_array_equal(changed, [False, True, True, True])
+    for bad in (LSTM(3), Elman(3)):
+        p, x, _ = _random_case(bad, (2, 4, 2, 3), seed=0)
+        with pytest.raises(ValueError, match=r"dz: .* shifts its weighted input z, shape"):
+            bad.forward_shifted(p, x, jnp.zeros((2, 4, 1)))  # would broadcast
+
+
+class _ScaledStepElman(Elman):
+    """A planted bug in the BPTT step: ``δ_t`` at one step scaled by 1.5."""
+
+    def delta(self, cache, dy):
+        return super().delta(cache, dy).at[:, 2].multiply(1.5)
+
+
+class _ForgetfulLSTM(LSTM):
+    """A planted bug: the recurrent error terms dropped (``δ_{t+1} W_h`` and the cell's)."""
+
+    def delta(self, cache, dy):
+        return LSTM(self.hidden, truncate=1).delta(cache, dy)
+
+
+def _rnn_check(layers, many, jit, seed=0, steps=5, batch=4):
+    """``check_network`` (jax.grad leaf rows) on ``layers`` + a softmax readout, in float64."""
+    readout = (Dense(3, "softmax"),) if many else (LastStep(), Dense(3, "softmax"))
+    net = bp.serial(*layers, *readout, loss="cross_entropy", input_shape=(steps, 2))
+    params = net.init(jax.random.key(seed), jnp.float64)
+    x = _sequences(seed + 1, batch, steps, 2)
+    y = jax.random.randint(jax.random.key(seed + 2), (batch, steps) if many else (batch,), 0, 3)
+    return bp.check_network(net, params, x, y, references=("jax.grad",), jit=jit)
+
+
+def _rows(report):
+    return {row.path.split(" ")[0]: row for row in report.rows if row.path.startswith("δ^")}
+
+
+@pytest.mark.parametrize(
+    "rnn, many, jit",
+    [
+        (Elman(4, "tanh"), True, True),
+        pytest.param(Elman(4, "relu"), False, False, marks=pytest.mark.slow),
+        pytest.param(LSTM(3), True, False, marks=pytest.mark.slow),
+        (LSTM(3), False, True),
+    ],
+    ids=[
+        "elman-tanh-many-to-many-jit",
+        "elman-relu-many-to-one-nojit",
+        "lstm-many-to-many-nojit",
+        "lstm-many-to-one-jit",
+    ],
+)
+def test_check_network_checks_the_recurrent_delta(x64, rnn, many, jit):
+    """A correct recurrent layer passes, its δ_t row included (no false alarm)."""
+    report = _rnn_check([rnn], many, jit)
+    assert report.ok, str(report)
+    assert _rows(report)["δ^1"].passed
+
+
+@pytest.mark.parametrize(
+    "bad, jit",
+    [
+        (_ScaledStepElman(4), True),
+        pytest.param(_ScaledStepElman(4, "relu"), False, marks=pytest.mark.slow),
+        (_ForgetfulLSTM(3), True),
+    ],
+    ids=["elman-scaled-step-jit", "elman-relu-scaled-step-nojit", "lstm-no-recurrent-error-jit"],
+)
+def test_check_network_blames_a_planted_bptt_bug(x64, bad, jit):
+    """A wrong δ step in the upper of two recurrent layers: the blame is on that layer."""
+    report = _rnn_check([Elman(3), bad], many=True, jit=jit)
+    assert not report.ok
+    assert report.first_bad_layer == 2, str(report)
+    rows = _rows(report)
+    assert rows["δ^3"].passed and not rows["δ^2"].passed, str(report)
+    assert type(bad).__name__ in report.summary()
+
+
+def test_check_network_flags_truncated_bptt(x64):
+    """Truncated BPTT is not the gradient of the loss: check_network says so, at that layer.
+
+    The untruncated layer on the same network passes
+    (``test_check_network_checks_the_recurrent_delta``).
+    """
+    report = _rnn_check([Elman(4, truncate=2)], many=True, jit=True)
+    assert not report.ok and report.first_bad_layer == 1, str(report)
+    rows = _rows(report)
+    assert rows["δ^2"].passed and not rows["δ^1"].passed, str(report)
+
+
 # -- bad configuration ----------------------------------------------------------------------
 
 

@@ -171,8 +171,11 @@ def check_network(
     Each layer's recorded error (``Backward.deltas[i]``: ``δ = ∂C_n/∂z`` for a layer with a
     weighted input, such as Dense or Conv2D, else ``∂C_n/∂y`` at its output) is compared with
     ``jax.vjp`` of the network *above* it, built from the layers' ``forward`` functions alone (and
-    the layer's own ``activation.forward`` between ``z`` and its output): a cotangent of ones on
-    ``(C_n)_n`` pulls back exactly ``∂C_n/∂(·)_n``. Rows ``δ^l (deltas[l-1])`` name the layer;
+    the layer's own ``activation.forward`` between ``z`` and its output, or, for a layer with
+    ``forward_shifted`` such as Elman and LSTM, that forward in a shift of ``z`` at zero): a
+    cotangent of ones on ``(C_n)_n`` pulls back exactly ``∂C_n/∂(·)_n``. These are the loss's
+    true derivatives, so a recurrent layer with ``truncate=k`` (truncated BPTT, not the
+    gradient of the loss) fails its rows. Rows ``δ^l (deltas[l-1])`` name the layer;
     :attr:`GradCheckReport.first_bad_layer` is the first one, from the output down, that
     disagrees, and :meth:`GradCheckReport.summary` names its type and which backward to look at.
 
@@ -273,15 +276,22 @@ def _network_fns(net: Any, backward: Callable[..., Any], float_x: bool) -> _Netw
 def _reference_errors(net: Any, params: ArrayTree, x: Array, y: Array, key: Any) -> list[Array]:
     """Each layer's per-example error by ``jax.vjp`` of the layers' forwards above it.
 
-    For a layer with a weighted input the error is at ``z`` (its cache's ``z``; its output is
-    ``activation.forward(z)``), else at the layer's output. Uses only forward functions and the
-    loss value (from the last layer's ``z`` for a fused output pair, as the network computes it).
+    For a layer with a weighted input (``backward_delta``) the error is ``∂C_n/∂z``: with the
+    optional ``forward_shifted(params, x, dz) -> (y, z)`` of the layer protocol (the recurrent
+    layers, whose ``δ_t`` also flows through the later steps), by ``jax.vjp`` in the shift ``dz``
+    at zero, its shape that of the ``z`` the layer returns (:func:`jax.eval_shape`); without it,
+    at the cached ``z`` with the output ``activation.forward(z)`` (Dense, Conv2D). Any other
+    layer's error is at its output. Uses only forward functions and the loss value (from the last
+    layer's ``z`` for a fused output pair, as the network computes it). These are the loss's true
+    derivatives: a recurrent layer with ``truncate=k`` records the truncated BPTT error, which is
+    not one, and its rows report the difference.
     """
     layers, n = net.layers, len(net.layers)
     keys = split_key(key, n)
     x = net.check_inputs(params, x)
-    h, outs, layer_caches = x, [], []
+    h, ins, outs, layer_caches = x, [], [], []
     for layer, layer_params, layer_key in zip(layers, params, keys, strict=True):
+        ins.append(h)
         h, layer_cache = layer_forward(layer, layer_params, h, layer_key)
         outs.append(h)
         layer_caches.append(layer_cache)
@@ -291,7 +301,7 @@ def _reference_errors(net: Any, params: ArrayTree, x: Array, y: Array, key: Any)
 
     def loss_at(last_z: Array | None, out: Array) -> Array:
         caches = list(cache.layers)
-        if last_z is not None:
+        if last_z is not None and hasattr(caches[-1], "z"):
             caches[-1] = caches[-1]._replace(z=last_z)
         return net.example_losses(cache._replace(layers=caches, out=out), targets)
 
@@ -301,17 +311,40 @@ def _reference_errors(net: Any, params: ArrayTree, x: Array, y: Array, key: Any)
             h, last_cache = layer_forward(layers[j], params[j], h, keys[j])
         if last_cache is None or not hasattr(layers[-1], "backward_delta"):
             return loss_at(None, h)
-        return loss_at(last_cache.z, h)
+        return loss_at(getattr(last_cache, "z", None), h)
 
     def from_z(i: int, z: Array) -> Array:
         a = layers[i].activation.forward(z)
         return loss_at(z, a) if i == n - 1 else above(i, a)
 
+    def from_shift(i: int, dz: Array) -> Array:
+        a, z = _forward_shifted(layers[i], params[i], ins[i], dz, keys[i])
+        return loss_at(z, a) if i == n - 1 else above(i, a)
+
     errors = []
     for i, layer in enumerate(layers):
-        if hasattr(layer, "backward_delta"):
+        if hasattr(layer, "backward_delta") and hasattr(layer, "forward_shifted"):
+            zero = _zero_shift(layer, params[i], ins[i], keys[i])
+            losses, pullback = jax.vjp(lambda dz, i=i: from_shift(i, dz), zero)
+        elif hasattr(layer, "backward_delta"):
             losses, pullback = jax.vjp(lambda z, i=i: from_z(i, z), cache.layers[i].z)
         else:
             losses, pullback = jax.vjp(lambda h, i=i: above(i, h), outs[i])
         errors.append(pullback(jnp.ones_like(losses))[0])
     return errors
+
+
+def _forward_shifted(
+    layer: Any, params: ArrayTree, x: Array, dz: Array | None, key: Any
+) -> tuple[Array, Array]:
+    """``layer.forward_shifted(params, x, dz) -> (y, z)``, and ``key=`` for a ``needs_key`` one."""
+    if getattr(layer, "needs_key", False):
+        return layer.forward_shifted(params, x, dz, key=key)
+    return layer.forward_shifted(params, x, dz)
+
+
+def _zero_shift(layer: Any, params: ArrayTree, x: Array, key: Any) -> Array:
+    """Zeros shaped as the layer's weighted input ``z`` (the shape of its ``δ``), from the shapes
+    its ``forward_shifted`` returns unshifted: traced, never run, and no use of the manual ``δ``."""
+    z = jax.eval_shape(lambda p, x: _forward_shifted(layer, p, x, None, key)[1], params, x)
+    return jnp.zeros(z.shape, z.dtype)

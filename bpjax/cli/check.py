@@ -64,8 +64,8 @@ def add_check_parser(commands: Any) -> None:
             "failed (each leaf within its own allowance, derived from the roundoff autodiff "
             "shows in that dtype against float64; see bpjax.check.tolerance). "
             f"The layer rows, named in the activation column by their layer: {_layer_rows_help()}; "
-            "their sizes column is one example's shape in → out. Elman and LSTM are checked as "
-            "plain layers: their weights' gradients and ∂C/∂x, not their per-step δ_t. "
+            "their sizes column is one example's shape in → out. Elman's and LSTM's δ is their "
+            "per-step BPTT error δ_t, against jax.vjp of their forward_shifted. "
             "--sizes, --activations and --losses choose the MLP rows, --layers the layer rows; "
             "--batch, --seed and --dtype apply to both. "
             "Example: bpjax check --sizes 8,16,16,4 --dtype float64 --activations tanh,relu "
@@ -196,8 +196,7 @@ def run_check(args: argparse.Namespace) -> int:
     if layer_cases:
         caption += (
             " Rows named by a layer: a small network around it (bpjax check --help lists them), "
-            "sizes: one example's shape in → out; Elman and LSTM as plain layers (δ, ∂x: the "
-            "error they receive and pass down, not their per-step δ_t)."
+            "sizes: one example's shape in → out; Elman's and LSTM's δ: their per-step δ_t."
         )
     if not args.no_timing:
         caption += (

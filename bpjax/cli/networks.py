@@ -13,12 +13,10 @@ with LastStep (many-to-one).
 
 - ``Dropout`` is checked in training mode: the network's ``key=`` is a seeded PRNG key, and the
   manual and the reference passes draw the same mask from it.
-- ``Elman`` and ``LSTM`` go into the network as plain layers (:class:`bpjax.layers.Layer` with
-  their own ``init``, ``forward`` and ``backward``, named after them): check_network compares a
-  layer's ``δ = ∂C_n/∂z`` with the network above ``y = f(z)``, which a recurrent layer's ``δ_t``
-  (through the later steps too) is not, and an LSTM has no single ``z``. So their rows check the
-  gradient of every weight, the error ``∂C_n/∂h`` they receive and the ``∂C/∂x`` they pass down,
-  not the per-step ``δ_t`` of the BPTT recursion itself (which every weight gradient goes through).
+- ``Elman`` and ``LSTM`` (full BPTT) are checked as they are: besides the gradient of every weight
+  and the ``∂C/∂x`` they pass down, their row compares the per-step ``δ_t = ∂C_n/∂z_t`` the BPTT
+  recursion records (an LSTM's four gate pre-activations) with ``jax.vjp`` of their
+  ``forward_shifted`` (the forward with a shift added to every ``z_t``) in the shift at zero.
 
 The params have ``net.init``'s shapes (traced, never run) and values drawn with numpy (standard
 normal over the square root of each weight's fan-in, ``0.5 N(0, 1)`` for vectors such as biases
@@ -108,24 +106,16 @@ def _dropout() -> tuple[Any, ...]:
     return Dropout(_DROPOUT_RATE), Dense(3, "sigmoid")
 
 
-def _plain(layer: Any) -> Any:
-    """A recurrent layer as a plain :class:`~bpjax.layers.Layer` (see the module docstring)."""
-    from bpjax.layers import Layer
-
-    name = type(layer).__name__
-    return Layer(init=layer.init, forward=layer.forward, backward=layer.backward, name=name)
-
-
 def _elman() -> tuple[Any, ...]:
     from bpjax.rnn import Elman
 
-    return (_plain(Elman(4)),)  # many-to-many: a target at every step
+    return (Elman(4),)  # many-to-many: a target at every step
 
 
 def _lstm() -> tuple[Any, ...]:
     from bpjax.rnn import LSTM, LastStep
 
-    return _plain(LSTM(4)), LastStep()  # many-to-one
+    return LSTM(4), LastStep()  # many-to-one
 
 
 LAYER_NETWORKS: dict[str, LayerNetwork] = {

@@ -14,6 +14,12 @@ without params). Optional parts of the contract:
 - ``delta(cache, dy) -> δ`` and ``backward_delta(params, cache, δ) -> (grads, dx)``: a layer whose
   output is an activation of a weighted input, ``y = f(z)``, splits its backward at ``δ = ∂C/∂z``,
   so that :func:`backprop` records ``δ`` and can start from a fused output error.
+- ``forward_shifted(params, x, dz=None) -> (y, z)``, with ``delta``: the forward with ``dz`` (the
+  shape of ``δ``; ``None``: no shift) added to the weighted input ``z``, written from the forward
+  maths alone, returning the output and the shifted ``z``; ``∂C/∂dz`` at ``dz = 0`` is exactly
+  the recorded ``δ``. For a layer whose ``δ`` is not ``J_fᵀ dy`` at its own output (:class:`Elman`
+  and :class:`LSTM`: ``δ_t`` also flows through the later steps); :func:`bpjax.check_network`
+  differentiates it for the reference ``δ`` (else ``activation.forward`` of the cached ``z``).
 - ``needs_key = True``: ``forward(params, x, key=...)`` takes a PRNG key (:class:`Dropout`);
   networks pass ``None`` in evaluation mode.
 - ``integer_input = True``: the layer takes integer inputs (:class:`Embedding`); its ``dx`` is

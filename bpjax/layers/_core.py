@@ -26,7 +26,11 @@ class Layer(NamedTuple):
     Any object with ``init``, ``forward`` and ``backward`` is a layer; this NamedTuple builds one
     from plain functions (optax's ``GradientTransformation`` habit), so a user's layer needs no
     class. Keep the functions module-level (or otherwise stable): the layer is part of a
-    network's hashable spec, and ``jax.jit`` caches on it.
+    network's hashable spec, and ``jax.jit`` caches on it. The optional parts of the contract
+    for a weighted input (``delta``, ``backward_delta`` and ``forward_shifted``, see
+    :mod:`bpjax.layers`) are not among its fields: such a layer is a class (as
+    :class:`~bpjax.layers.Dense` and :class:`~bpjax.layers.Elman` are); wrapped in a ``Layer``,
+    it records and is checked as a layer without them.
 
     Example:
       >>> import jax, jax.numpy as jnp

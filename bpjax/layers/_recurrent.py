@@ -37,6 +37,15 @@ The recurrent layers split their backward at ``δ`` as :class:`~bpjax.layers.Den
 products, so :func:`bpjax.layers.backprop` records the per-step errors ``δ_t`` of every example
 (the truncated ones under ``truncate``). Since ``delta`` takes no params, the cache keeps a
 reference to the recurrent weights (no copy).
+
+Their recorded ``δ_t`` is not an elementwise ``f'(z_t) ∘ dy_t`` of the error at ``h_t``: it also
+flows through every later step (and an LSTM has no single ``y = f(z)``). So both layers give the
+optional ``forward_shifted(params, x, dz) -> (h, z)`` of the layer protocol, the forward with
+``dz_t`` added to every weighted input ``z_t`` inside the scan, written from the forward maths
+alone; ``∂C/∂dz`` at ``dz = 0`` is exactly ``δ``, which is what :func:`bpjax.check_network`
+compares the recorded ``δ`` with. With ``truncate=k`` the recorded ``δ`` is the truncated BPTT
+error, not ``∂C/∂z``, and truncated BPTT is not the gradient of the loss: check_network reports
+the difference (in the ``δ`` rows and the weights' gradient rows), as it should.
 """
 
 from __future__ import annotations
@@ -142,6 +151,22 @@ def _recurrent_grads(
     )
 
 
+def _shifted(layer: str, u: Array, dz: Array | None) -> Array:
+    """``u + dz``: the shift of every step's weighted input, checked to have z's shape.
+
+    ``u_t = x_t Wᵀ + b`` is the part of ``z_t`` outside the recurrence, so the scan on ``u + dz``
+    computes ``z_t + dz_t = x_t Wᵀ + b + h_{t−1} W_hᵀ + dz_t`` at every step.
+    """
+    if dz is None:
+        return u
+    if jnp.shape(dz) != u.shape:
+        raise ValueError(
+            f"dz: {layer} shifts its weighted input z, shape {u.shape}; got a shift of shape "
+            f"{jnp.shape(dz)}."
+        )
+    return u + dz
+
+
 def _keep_mask(steps: int, truncate: int | None) -> np.ndarray | None:
     """``keep[t]``: does the recurrent error flow from step ``t`` into step ``t − 1`` (0-based)?
 
@@ -173,14 +198,19 @@ class Elman:
     ``(batch, T, hidden)``. Params are ``{"W_xh": (hidden, n_in), "W_hh": (hidden, hidden),
     "b": (hidden,)}``. The backward is BPTT as in the module docstring: a reversed ``lax.scan``
     for ``δ_t = f'(z_t) ∘ (dy_t + δ_{t+1} W_hh)``, then the weight gradients and ``∂C/∂x`` as one
-    matrix product each over all ``batch · T`` rows.
+    matrix product each over all ``batch · T`` rows. :meth:`forward_shifted` is the forward with a
+    shift ``dz_t`` added to every ``z_t``, whose ``jax.vjp`` at ``dz = 0`` is ``δ``:
+    :func:`bpjax.check_network` checks the recorded ``δ`` against it.
 
     Args:
       hidden: the number of hidden units.
       activation: a name from :data:`bpjax.ACTIVATIONS` or a :class:`bpjax.Activation`;
         ``"tanh"`` by default.
       truncate: ``None`` for full BPTT, or ``k ≥ 1``: truncated BPTT in chunks of ``k`` steps
-        (the state entering steps ``k, 2k, …``, 0-based, is a constant for the gradient).
+        (the state entering steps ``k, 2k, …``, 0-based, is a constant for the gradient). The
+        recorded ``δ`` and the weight gradients are then the truncated ones, not ``∂C/∂z`` and
+        ``∇C``: truncated BPTT is not the gradient of the loss, and :func:`bpjax.check_network`
+        (whose references are the loss's true derivatives) reports the difference.
 
     Raises:
       ValueError: ``hidden`` or ``truncate`` not a positive integer, an unknown activation.
@@ -246,19 +276,37 @@ class Elman:
         Raises:
           ValueError: ``x`` not of shape ``(batch, T, n_in)`` (at trace time).
         """
+        h, z = self.forward_shifted(params, x)
+        return h, ElmanCache(x, z, h, params["W_hh"])
+
+    def forward_shifted(
+        self, params: dict[str, Array], x: Array, dz: Array | None = None
+    ) -> tuple[Array, Array]:
+        """The forward with ``dz_t`` added to every weighted input: ``(h, z)``, both per step.
+
+        ``z_t = x_t W_xhᵀ + b + h_{t−1} W_hhᵀ + dz_t`` and ``h_t = f(z_t)``, the shift inside the
+        recurrence, so ``h_{t+1}, h_{t+2}, …`` see it too; ``dz`` has the shape of ``δ``,
+        ``(batch, T, hidden)``, and ``None`` is no shift (:meth:`forward`). ``∂C/∂dz`` at
+        ``dz = 0`` is the full-BPTT ``δ`` (the optional ``forward_shifted`` of the layer
+        protocol, which :func:`bpjax.check_network` differentiates with ``jax.vjp``).
+
+        Raises:
+          ValueError: ``x`` not of shape ``(batch, T, n_in)``, or ``dz`` not of ``z``'s shape
+            (at trace time).
+        """
         _check_sequence("Elman", x, params["W_xh"].shape[1])
         w_hh, f = params["W_hh"], self.activation.forward
         u = x @ params["W_xh"].T + params["b"]  # (batch, T, hidden): x_t W_xhᵀ + b for every t
+        u = _shifted("Elman", u, dz)  # + dz_t: the shift is part of every step's z_t
 
         def step(h_prev: Array, u_t: Array) -> tuple[Array, tuple[Array, Array]]:
-            z_t = u_t + h_prev @ w_hh.T  # z_t = x_t W_xhᵀ + b + h_{t−1} W_hhᵀ
+            z_t = u_t + h_prev @ w_hh.T  # z_t = x_t W_xhᵀ + b + h_{t−1} W_hhᵀ (+ dz_t)
             h_t = f(z_t)  # h_t = f(z_t)
             return h_t, (z_t, h_t)
 
         h0 = jnp.zeros((u.shape[0], self.hidden), u.dtype)
         _, (z, h) = jax.lax.scan(step, h0, _time_major(u))
-        z, h = _time_major(z), _time_major(h)
-        return h, ElmanCache(x, z, h, w_hh)
+        return _time_major(h), _time_major(z)
 
     def delta(self, cache: ElmanCache, dy: Array) -> Array:
         """BPTT: ``δ_t = ∂C/∂z_t`` for every step, shape ``(batch, T, hidden)``.
@@ -343,6 +391,9 @@ class LSTM:
     and, as for :class:`Elman`, ``∇W_x = Σ_t δ_tᵀ x_t``, ``∇W_h = Σ_t δ_tᵀ h_{t−1}``,
     ``∇b = Σ δ``, ``∂C/∂x = δ W_x``, each one matrix product over all ``batch · T`` rows.
     ``truncate=k`` resets both carried errors to zero at steps ``k, 2k, …`` (0-based).
+    :meth:`forward_shifted` is the forward with a shift ``dz_t`` added to every ``z_t``, whose
+    ``jax.vjp`` at ``dz = 0`` is ``δ``: :func:`bpjax.check_network` checks the recorded ``δ``
+    against it.
 
     Params are ``{"W_x": (4·hidden, n_in), "W_h": (4·hidden, hidden), "b": (4·hidden,)}``.
     Init: ``W_x`` Glorot truncated normal, ``W_h`` orthogonal (orthonormal columns), ``b = 0``
@@ -352,6 +403,8 @@ class LSTM:
     Args:
       hidden: the number of hidden units (and cell units).
       truncate: ``None`` for full BPTT, or ``k ≥ 1``: truncated BPTT in chunks of ``k`` steps.
+        The recorded ``δ`` and the weight gradients are then the truncated ones: not the
+        gradient of the loss, and :func:`bpjax.check_network` reports the difference.
 
     Raises:
       ValueError: ``hidden`` or ``truncate`` not a positive integer.
@@ -407,9 +460,35 @@ class LSTM:
         Raises:
           ValueError: ``x`` not of shape ``(batch, T, n_in)`` (at trace time).
         """
+        gates, c, tanh_c, h = self._scan(params, x, None, keep_z=False)
+        return h, LSTMCache(x, gates, c, tanh_c, h, params["W_h"])
+
+    def forward_shifted(
+        self, params: dict[str, Array], x: Array, dz: Array | None = None
+    ) -> tuple[Array, Array]:
+        """The forward with ``dz_t`` added to every step's gate pre-activations: ``(h, z)``.
+
+        ``z_t = x_t W_xᵀ + b + h_{t−1} W_hᵀ + dz_t``, shape ``(batch, T, 4·hidden)`` (blocks
+        ``i, f, g, o``, the shape of ``δ``), then the gate equations of the class docstring, the
+        shift inside the recurrence; ``None`` is no shift. ``∂C/∂dz`` at ``dz = 0`` is the
+        full-BPTT ``δ`` (the optional ``forward_shifted`` of the layer protocol, which
+        :func:`bpjax.check_network` differentiates with ``jax.vjp``).
+
+        Raises:
+          ValueError: ``x`` not of shape ``(batch, T, n_in)``, or ``dz`` not of ``z``'s shape
+            (at trace time).
+        """
+        *_, h, z = self._scan(params, x, dz, keep_z=True)
+        return h, z
+
+    def _scan(
+        self, params: dict[str, Array], x: Array, dz: Array | None, *, keep_z: bool
+    ) -> tuple[Array, ...]:
+        """``(gates, c, tanh_c, h)`` per step, ``(batch, T, ·)``, and ``z`` too with ``keep_z``."""
         _check_sequence("LSTM", x, params["W_x"].shape[1])
         w_h, hidden = params["W_h"], self.hidden
         u = x @ params["W_x"].T + params["b"]  # (batch, T, 4·hidden): x_t W_xᵀ + b for every t
+        u = _shifted("LSTM", u, dz)  # + dz_t: the shift is part of every step's z_t
 
         def step(
             carry: tuple[Array, Array], u_t: Array
@@ -422,12 +501,12 @@ class LSTM:
             c_t = f * c_prev + i * g  # c_t = f ∘ c_{t−1} + i ∘ g
             tanh_c = jnp.tanh(c_t)
             h_t = o * tanh_c  # h_t = o ∘ tanh(c_t)
-            return (h_t, c_t), (jnp.concatenate([i, f, g, o], axis=-1), c_t, tanh_c, h_t)
+            seqs = (jnp.concatenate([i, f, g, o], axis=-1), c_t, tanh_c, h_t)
+            return (h_t, c_t), ((*seqs, z_t) if keep_z else seqs)
 
         zeros = jnp.zeros((u.shape[0], hidden), u.dtype)
         _, seqs = jax.lax.scan(step, (zeros, zeros), _time_major(u))
-        gates, c, tanh_c, h = (_time_major(a) for a in seqs)
-        return h, LSTMCache(x, gates, c, tanh_c, h, w_h)
+        return tuple(_time_major(a) for a in seqs)
 
     def delta(self, cache: LSTMCache, dy: Array) -> Array:
         """BPTT: ``δ_t = ∂C/∂z_t`` at every step, shape ``(batch, T, 4·hidden)`` (gates i, f, g, o).
