@@ -63,8 +63,8 @@ def compare(a: Path, b: Path, *, rounds: int, sizes: list[str], repeats: int) ->
         }
         lines.append(
             f"{','.join(map(str, result['sizes']))} @ {result['batch']} | "
-            f"{manual['A'] * 1e3:.3f} | {manual['B'] * 1e3:.3f} | {manual['B'] / manual['A']:.3f} | "
-            f"{ratio['A']:.3f} | {ratio['B']:.3f}"
+            f"{manual['A'] * 1e3:.3f} | {manual['B'] * 1e3:.3f} | "
+            f"{manual['B'] / manual['A']:.3f} | {ratio['A']:.3f} | {ratio['B']:.3f}"
         )
     return lines
 
