@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import textwrap
 
 import pytest
 
@@ -18,8 +19,8 @@ def test_python_examples_run_in_order():
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert len(blocks) >= 2, "the README lost its python examples"
     namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, str(README), "exec"), namespace)
+    for block in blocks:  # a block inside a list item is indented with it
+        exec(compile(textwrap.dedent(block), str(README), "exec"), namespace)
     assert isinstance(namespace["cnn"], bp.Serial) and isinstance(namespace["rnn"], bp.Serial)
     assert namespace["report"].ok and namespace["report"].layer_names[0] == "Conv2D"
     assert isinstance(namespace["bw"], bp.Backward)
