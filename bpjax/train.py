@@ -514,6 +514,11 @@ def check_data(net: Serial, data: Dataset, name: str) -> None:
         )
     shape, out_shape = net.input_shape, net.output_shape
     size = math.prod(shape)
+    if len(shape) == 1 and data.num_features != size:
+        raise ValueError(
+            f"{name}: the network takes n_0 = {size} inputs but the data have "
+            f"{data.num_features} features."
+        )
     if data.num_features != size:
         raise ValueError(
             f"{name}: the network takes inputs of shape {shape} ({size} values per example), "
@@ -528,6 +533,6 @@ def check_data(net: Serial, data: Dataset, name: str) -> None:
     if data.num_outputs != n_out:
         what = "classes" if data.num_classes is not None else "target columns"
         raise ValueError(
-            f"{name}: the network has n_L = {n_out} outputs, but the data have "
+            f"{name}: the network has n_L = {n_out} outputs but the data have "
             f"{data.num_outputs} {what}."
         )

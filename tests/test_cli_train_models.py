@@ -243,12 +243,11 @@ def test_model_mlp_is_the_default(tmp_path, capsys):
         ),
         (
             ["--model", "{spec}/net.py:THREE"],
-            "argument --model: xor: the network has n_L = 3 outputs, but the data have 2 classes",
+            "argument --model: xor: the network has n_L = 3 outputs but the data have 2 classes",
         ),
         (
             ["--model", "{spec}/net.py:WIDE"],
-            "argument --model: xor: the network takes inputs of shape (3,) (3 values per "
-            "example), but the data have 2 features",
+            "argument --model: xor: the network takes n_0 = 3 inputs but the data have 2 features",
         ),
         (
             ["--model", "{spec}/net.py:IMAGE"],
