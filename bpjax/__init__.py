@@ -24,6 +24,7 @@ from bpjax.layers import Dense, DenseCache, backprop
 from bpjax.losses import LOSSES, FusedOutput, Loss, fused_output, get_loss
 from bpjax.mlp import MLP
 from bpjax.network import Backward, Cache, OutputError, Serial, SerialCache, serial
+from bpjax.runtime_checks import checked
 from bpjax.train import (
     OPTIMIZERS,
     EvalRecord,
@@ -71,6 +72,7 @@ __all__ = [
     "check_grads",
     "check_mlp",
     "check_network",
+    "checked",
     "custom_vjp",
     "evaluate",
     "fit",

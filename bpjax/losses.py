@@ -29,6 +29,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 from jax.scipy.special import xlog1py, xlogy
 
 from bpjax import activations as _act
@@ -38,8 +39,11 @@ __all__ = [
     "LOSSES",
     "FusedOutput",
     "Loss",
+    "check_labels",
     "fused_output",
     "get_loss",
+    "label_poison",
+    "one_hot_labels",
 ]
 
 
@@ -65,6 +69,9 @@ class Loss(NamedTuple):
         defined on, or ``None`` for any.
       targets: ``(y, batch, n_L, dtype) -> y`` checks the targets' shape and dtype at trace time
         and returns them in the form ``value`` and ``grad`` take.
+      labels: whether ``y`` may be integer class labels in ``[0, n_L)``: concrete ones are
+        range-checked before anything is traced (:meth:`bpjax.Serial.check_labels`), traced
+        ones poisoned where out of range (:func:`label_poison`).
     """
 
     name: str
@@ -72,6 +79,7 @@ class Loss(NamedTuple):
     grad: Callable[[Array, Array, Array], Array]
     accepts: frozenset[str] | None = None
     targets: Callable[[Array, int, int, jnp.dtype], Array] | None = None
+    labels: bool = False
 
     def __repr__(self) -> str:  # the functions' reprs are addresses: the name identifies it
         return f"Loss(name={self.name!r})"
@@ -96,23 +104,100 @@ def _squared_error_targets(y: Array, batch: int, n_out: int, dtype: jnp.dtype) -
 
 # cross_entropy: C_n = −Σ_j y_j log a_j, ∂C_n/∂a_j = −y_j / a_j. Integer labels (batch,) are
 # the one-hot targets y_j = [j = label].
+#
+# A label outside [0, n_L) has no one-hot row. Concrete labels are checked before anything is
+# computed (check_labels); traced ones cannot be, and jnp's indexing would wrap −1 to the last
+# class or fill with NaN in the value only: a finite wrong gradient. Every use of traced labels
+# multiplies by label_poison instead, NaN for such an example, so its loss and every gradient
+# it reaches are NaN (never finite and wrong), and bpjax.checked turns the same condition into
+# an error naming the label.
 
 
-def _one_hot(labels: Array, n: int, dtype: jnp.dtype) -> Array:
-    return jax.nn.one_hot(labels, n, dtype=dtype)
+def label_poison(labels: Array, n: int, dtype: jnp.dtype) -> Array:
+    """``(batch,)``: 1 where ``0 ≤ labels_n < n``, NaN where a label is out of range.
+
+    Multiplying an example's loss or output error by it leaves a valid example unchanged
+    (exactly: ``x · 1 = x``) and makes an out-of-range one NaN in the value *and* in every
+    gradient, ``jax.grad`` included (the factor multiplies the cotangent). Under
+    :func:`bpjax.checked` (``jax.experimental.checkify``) an out-of-range label raises instead,
+    with its index and value.
+
+    Args:
+      labels: integer class labels, any shape (flattened row-major in the message).
+      n: the number of classes ``n_L``.
+      dtype: the floating dtype of the factor.
+    """
+    labels = jnp.asarray(labels)
+    valid = (labels >= 0) & (labels < n)
+    flat = jnp.ravel(valid)
+    first_bad = jnp.argmin(flat) if flat.size else jnp.zeros((), jnp.int32)
+    checkify.debug_check(
+        jnp.all(valid),
+        f"y: class label y.ravel()[{{}}] = {{}} is outside [0, n_L) = [0, {n}).",
+        first_bad,
+        jnp.ravel(labels)[first_bad] if flat.size else jnp.zeros((), labels.dtype),
+    )
+    return jnp.where(valid, jnp.ones((), dtype), jnp.full((), jnp.nan, dtype))
+
+
+def one_hot_labels(labels: Array, n: int, dtype: jnp.dtype) -> Array:
+    """``(batch, n)`` one-hot rows ``[j = labels_n]``; a row of NaN for a label outside ``[0, n)``.
+
+    ``jax.nn.one_hot`` gives such a label a row of zeros, a valid-looking target ("no class")
+    that trains to a finite wrong gradient; see :func:`label_poison`.
+    """
+    rows = jax.nn.one_hot(labels, n, dtype=dtype)
+    # a select, not rows · label_poison: XLA rewrites (0/1 mask) · x into a select that drops x,
+    # and with it the NaN
+    poisoned = jnp.isnan(label_poison(labels, n, dtype))[..., None]
+    return jnp.where(poisoned, jnp.full((), jnp.nan, dtype), rows)
+
+
+def check_labels(labels: Array, n: int, *, argname: str = "y", loss: str = "cross_entropy") -> None:
+    """Checks concrete integer class labels lie in ``[0, n)``; traced labels pass through.
+
+    Traced labels cannot be checked at trace time: every computation on them is poisoned instead
+    (:func:`label_poison`) and :func:`bpjax.checked` raises at run time.
+
+    Raises:
+      ValueError: a label outside ``[0, n)``, naming ``argname`` and the range found.
+    """
+    if isinstance(labels, jax.core.Tracer) or jnp.size(labels) == 0:
+        return
+    if isinstance(labels, jax.Array) and not labels.is_fully_addressable:
+        return  # a multi-host global array: no process sees all of it (poisoned if bad)
+    # NumPy, not jnp: concrete labels closed over by a jitted function must not become tracers
+    values = np.asarray(labels)
+    if not np.issubdtype(values.dtype, np.integer):
+        return
+    lo, hi = int(values.min()), int(values.max())
+    if lo < 0 or hi >= n:
+        bad = int(np.flatnonzero((values.ravel() < 0) | (values.ravel() >= n))[0])
+        raise ValueError(
+            f"{argname}: {loss} labels must lie in [0, n_L) = [0, {n}), got labels from "
+            f"{lo} to {hi}. The first out of range: {argname}.ravel()[{bad}] = "
+            f"{int(values.ravel()[bad])}."
+        )
+
+
+def _label_rows(a: Array, labels: Array, values: Array) -> Array:
+    """``values[n, labels_n]`` for each row, poisoned (NaN) where a label is out of range."""
+    n = a.shape[-1]
+    picked = jnp.take_along_axis(values, jnp.clip(labels, 0, n - 1)[:, None], axis=-1)[:, 0]
+    return picked * label_poison(labels, n, a.dtype)
 
 
 def _cross_entropy_value(z: Array, a: Array, y: Array) -> Array:
     del z
     if y.ndim == 1:
-        return -jnp.log(jnp.take_along_axis(a, y[:, None], axis=-1)[:, 0])
+        return -jnp.log(_label_rows(a, y, a))
     return -jnp.sum(xlogy(y, a), axis=-1)
 
 
 def _cross_entropy_grad(z: Array, a: Array, y: Array) -> Array:
     del z
     if y.ndim == 1:
-        y = _one_hot(y, a.shape[-1], a.dtype)
+        y = one_hot_labels(y, a.shape[-1], a.dtype)
     return jnp.where(y != 0, -y / a, jnp.zeros_like(a))
 
 
@@ -125,7 +210,7 @@ def _cross_entropy_targets(y: Array, batch: int, n_out: int, dtype: jnp.dtype) -
                 f"probabilities of shape (batch, n_L) = ({batch}, {n_out}); got shape {shape} "
                 f"with dtype {y_dtype}. Cast labels with y.astype(jnp.int32)."
             )
-        _check_label_range(y, n_out)
+        check_labels(y, n_out)
         return jnp.asarray(y)
     if shape == (batch, n_out):
         if not jnp.issubdtype(y_dtype, jnp.floating):
@@ -138,20 +223,6 @@ def _cross_entropy_targets(y: Array, batch: int, n_out: int, dtype: jnp.dtype) -
         f"y: cross_entropy expects integer labels of shape (batch,) = ({batch},) or "
         f"probabilities of shape (batch, n_L) = ({batch}, {n_out}), got shape {shape}."
     )
-
-
-def _check_label_range(y: Array, n_out: int) -> None:
-    """Checks 0 ≤ label < n_L where the labels are concrete (outside jit); traced ones can't be."""
-    if isinstance(y, jax.core.Tracer) or jnp.size(y) == 0:
-        return
-    # NumPy, not jnp: concrete labels closed over by a jitted function must not become tracers
-    labels = np.asarray(y)
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= n_out:
-        raise ValueError(
-            f"y: cross_entropy labels must lie in [0, n_L) = [0, {n_out}), got labels from "
-            f"{lo} to {hi}."
-        )
 
 
 # binary_cross_entropy: C_n = −Σ_j [y_j log a_j + (1 − y_j) log(1 − a_j)],
@@ -188,6 +259,7 @@ cross_entropy = Loss(
     _cross_entropy_grad,
     accepts=frozenset({_act.SIMPLEX}),
     targets=_cross_entropy_targets,
+    labels=True,
 )
 binary_cross_entropy = Loss(
     "binary_cross_entropy",
@@ -241,14 +313,16 @@ class FusedOutput(NamedTuple):
 def _softmax_cross_entropy_value(z: Array, y: Array) -> Array:
     log_a = jax.nn.log_softmax(z, axis=-1)
     if y.ndim == 1:
-        return -jnp.take_along_axis(log_a, y[:, None], axis=-1)[:, 0]
+        return -_label_rows(log_a, y, log_a)
     return -jnp.sum(y * log_a, axis=-1)
 
 
 def _softmax_cross_entropy_delta(z: Array, a: Array, y: Array) -> Array:
     del z
     if y.ndim == 1:
-        return a - _one_hot(y, a.shape[-1], a.dtype)
+        # times the poison, not minus NaN rows: forward mode (hvp) carries the NaN too
+        n = a.shape[-1]
+        return (a - jax.nn.one_hot(y, n, dtype=a.dtype)) * label_poison(y, n, a.dtype)[:, None]
     # ∂/∂z of Σ_j y_j (lse(z) − z_j) is a Σ_j y_j − y: a − y for probability targets
     return a * jnp.sum(y, axis=-1, keepdims=True) - y
 

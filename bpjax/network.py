@@ -12,6 +12,7 @@ The **network protocol** is what the tools built on a network (checks, :mod:`bpj
 
 - ``check_params(params)``, ``check_inputs(params, x) -> x`` and ``check_targets(y, out) -> y``:
   trace-time checks with one message format, the targets as one row per output position;
+  ``check_labels(y)``: the range of concrete class labels, for a caller about to trace them;
 - ``example_losses(cache, y) -> C_n`` from a forward's :class:`Cache`;
 - ``output_error(cache, y, weights=None) -> OutputError``: where the recursion starts, with
   per-example weights ``w_n`` (``1/B`` by default, the batch mean);
@@ -392,6 +393,22 @@ class Serial:
         if targets is None:
             return y
         return targets(y, positions, n_out, out.dtype)
+
+    def check_labels(self, y: Any) -> None:
+        """Checks concrete integer class labels lie in ``[0, n_out)``, before any tracing.
+
+        Every function that runs the network under its own ``jax.jit`` (:mod:`bpjax.extend`,
+        :mod:`bpjax.parallel`, :func:`bpjax.fit`) calls it first, so concrete labels are judged
+        as :meth:`loss` judges them eagerly. Traced labels (inside a caller's ``jit``) pass here;
+        an out-of-range one makes its example's loss and the gradients NaN, and
+        :func:`bpjax.checked` raises on it.
+
+        Raises:
+          ValueError: a label outside ``[0, n_out)``, naming ``y``, the range and the first one.
+        """
+        if not self.objective.labels or not jnp.issubdtype(jnp.result_type(y), jnp.integer):
+            return
+        _losses.check_labels(y, self.output_shape[-1], loss=self.objective.name)
 
     def _last_z(self, cache: Cache) -> Array:
         """The last layer's ``z`` as ``(positions, n_out)`` rows (its output if it has none)."""

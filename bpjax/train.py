@@ -43,6 +43,7 @@ import optax
 
 from bpjax._types import Array, Grads, Params
 from bpjax.datasets import Dataset
+from bpjax.losses import check_labels, one_hot_labels
 from bpjax.network import Serial
 
 __all__ = [
@@ -231,13 +232,15 @@ def loss_targets(net: Serial, y: Array) -> Array:
 
     Integer labels of shape ``(batch,)`` stay labels for cross_entropy and become one-hot rows
     ``y_{nj} = [j = y_n]`` of shape ``(batch, n_L)`` in the network's dtype (float32) for every
-    other loss; float targets pass through.
+    other loss; float targets pass through. Concrete labels outside ``[0, n_L)`` raise
+    ``ValueError``; traced ones become rows of NaN (:func:`bpjax.losses.one_hot_labels`).
     """
-    y = jnp.asarray(y)
-    labels = y.ndim == 1 and jnp.issubdtype(y.dtype, jnp.integer)
+    labels = jnp.ndim(y) == 1 and jnp.issubdtype(jnp.result_type(y), jnp.integer)
     if labels and net.objective.name != "cross_entropy":
-        return jax.nn.one_hot(y, net.output_shape[-1], dtype=jnp.float32)
-    return y
+        n_out = net.output_shape[-1]
+        check_labels(y, n_out, loss=net.objective.name)
+        return one_hot_labels(jnp.asarray(y), n_out, jnp.float32)
+    return jnp.asarray(y)
 
 
 class Metrics(NamedTuple):

@@ -6,6 +6,8 @@ which are computed from the logits and whose ``jax.grad`` is finite there.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ import optax
 import pytest
 
 import bpjax as bp
+from bpjax.layers import Dense
 
 LOSS_NAMES = ("squared_error", "cross_entropy", "binary_cross_entropy")
 CANONICAL = (
@@ -351,3 +354,143 @@ def test_generic_binary_cross_entropy_gradient_finite_at_saturated_hard_labels(o
     loss, grads = net.value_and_grad(params, x, y)
     assert np.isfinite(loss)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads)), grads
+
+
+# -- class labels out of range --------------------------------------------------------------------
+# Traced labels cannot be range-checked while tracing; every use of them is poisoned instead, so an
+# out-of-range label gives NaN in the loss and in every gradient, never a finite wrong number.
+
+BAD_LABELS = ([0, 2, 1, 0, 1], [0, -1, 1, 0, 1], [0, 1, 1, 0, 2**31 - 1])
+BAD_IDS = ("n_L", "negative", "huge")
+
+
+def _all_nan(tree) -> bool:
+    return all(bool(jnp.all(jnp.isnan(leaf))) for leaf in jax.tree.leaves(tree))
+
+
+def test_label_poison_is_exactly_one_or_nan(x64):
+    labels = jnp.asarray([0, 3, -1, 4, 2])
+    poison = bp.losses.label_poison(labels, 4, jnp.float64)
+    assert poison.dtype == jnp.float64
+    # 1 exactly, so a valid example's loss and gradient are unchanged bit for bit (x · 1 = x)
+    assert np.array_equal(np.isnan(poison), [False, False, True, True, False])
+    assert np.all(np.asarray(poison)[[0, 1, 4]] == 1.0)
+    rows = np.asarray(
+        jax.jit(bp.losses.one_hot_labels, static_argnums=(1, 2))(labels, 4, jnp.float32)
+    )
+    np.testing.assert_array_equal(rows[[0, 1, 4]], np.eye(4)[[0, 3, 2]])
+    assert np.all(np.isnan(rows[2:4]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "generic"])
+@pytest.mark.parametrize("labels", BAD_LABELS, ids=BAD_IDS)
+def test_traced_bad_labels_poison_loss_and_every_gradient(labels, fuse, dtype):
+    with jax.enable_x64(dtype == jnp.float64):
+        net = bp.MLP((3, 4, 2), ("tanh", "softmax"), "cross_entropy", fuse_output=fuse)
+        params = net.init(jax.random.key(0), dtype)
+        x = jax.random.normal(jax.random.key(1), (5, 3), dtype)
+        y = jnp.asarray(labels, jnp.int32)
+        loss, grads = jax.jit(net.value_and_grad)(params, x, y)
+        assert bool(jnp.isnan(loss)) and _all_nan(grads)
+        # jax.grad of the plain-JAX loss, the harness's reference, is poisoned the same way
+        assert _all_nan(jax.jit(jax.grad(net.loss))(params, x, y))
+        per_example = jax.jit(net.per_example_loss)(params, x, y)
+        bad = (np.asarray(labels) < 0) | (np.asarray(labels) >= 2)
+        np.testing.assert_array_equal(np.isnan(per_example), bad)  # only that example's C_n
+        _, cache = net.forward(params, x)
+        backward = jax.jit(net.backward)(params, cache, y)
+        assert _all_nan(backward.grads)
+        # per example: the bad example's errors and input gradient are NaN, the others' finite
+        for rows in (*backward.deltas, backward.input_grad):
+            np.testing.assert_array_equal(np.isnan(rows).any(axis=1), bad)
+            np.testing.assert_array_equal(np.isnan(rows).all(axis=1), bad)
+
+
+def test_traced_bad_labels_poison_a_sequence_model():
+    """Labels per time step, ``(batch, T)``: a bad one poisons the whole batch's gradient."""
+    net = bp.serial(
+        bp.layers.Embedding(7, 4), Dense(3, "softmax"), loss="cross_entropy", input_shape=(5,)
+    )
+    params = net.init(jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 5), 0, 7)
+    labels = jnp.zeros((2, 5), jnp.int32).at[1, 3].set(3)
+    loss, grads = jax.jit(net.value_and_grad)(params, tokens, labels)
+    assert bool(jnp.isnan(loss)) and _all_nan(grads[1])
+    # no recurrence: the error is NaN at position (1, 3) alone, so the embedding row of the token
+    # there is NaN and the other rows keep what the other positions give them
+    poisoned = np.arange(7) == int(tokens[1, 3])
+    np.testing.assert_array_equal(np.isnan(grads[0]["W"]).all(axis=1), poisoned)
+    np.testing.assert_array_equal(np.isnan(grads[0]["W"]).any(axis=1), poisoned)
+    per_example = jax.jit(net.per_example_loss)(params, tokens, labels)
+    np.testing.assert_array_equal(np.isnan(per_example), [False, True])
+    with pytest.raises(ValueError, match=re.escape("The first out of range: y.ravel()[8] = 3.")):
+        net.value_and_grad(params, tokens, labels)
+
+
+@pytest.mark.parametrize("loss", ["squared_error", "binary_cross_entropy"])
+def test_loss_targets_one_hot_rows_for_bad_labels(loss):
+    act = "identity" if loss == "squared_error" else "sigmoid"
+    net = bp.MLP((3, 2), (act,), loss)
+    message = f"y: {loss} labels must lie in [0, n_L) = [0, 2)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bp.train.loss_targets(net, jnp.array([0, 5]))
+    rows = jax.jit(lambda y: bp.train.loss_targets(net, y))(jnp.array([1, 5]))
+    np.testing.assert_array_equal(rows[0], [0.0, 1.0])
+    assert bool(jnp.all(jnp.isnan(rows[1])))
+
+
+EXTEND_QUANTITIES = (
+    "batch_grad", "batch_l2_grad", "sum_grad_squared", "variance", "diag_ggn", "kfac_factors",
+    "clipped_grad", "diag_ggn_mc", "hvp",
+)  # fmt: skip
+
+
+def _extend_call(name: str):
+    f = getattr(bp.extend, name)
+    if name == "clipped_grad":
+        return lambda net, p, x, y: f(net, p, x, y, 1.0)
+    if name == "diag_ggn_mc":
+        return lambda net, p, x, y: f(net, p, x, y, jax.random.key(2))
+    if name == "hvp":
+        return lambda net, p, x, y: f(net, p, x, y, p)
+    return f
+
+
+@pytest.mark.parametrize("name", EXTEND_QUANTITIES)
+def test_extend_checks_concrete_labels_and_poisons_traced_ones(name):
+    net = bp.MLP((3, 4, 2), ("tanh", "softmax"), "cross_entropy")
+    params, x = net.init(jax.random.key(0)), jax.random.normal(jax.random.key(1), (5, 3))
+    y = jnp.asarray([0, 1, 2, 0, 1])
+    run = _extend_call(name)
+    # the functions jit inside: the labels are judged before that, while concrete
+    with pytest.raises(ValueError, match=re.escape("y.ravel()[2] = 2")):
+        run(net, params, x, y)
+    out = jax.jit(lambda p, x, y: run(net, p, x, y))(params, x, y)
+    if name in ("batch_grad", "batch_l2_grad"):  # per example: example 2's rows alone are NaN
+        for leaf in jax.tree.leaves(out):
+            rows = np.isnan(np.asarray(leaf).reshape(5, -1))
+            np.testing.assert_array_equal(rows.all(axis=1), [0, 0, 1, 0, 0])
+            np.testing.assert_array_equal(rows.any(axis=1), [0, 0, 1, 0, 0])
+    elif name == "kfac_factors":  # A = (1/B) Σ ā ā ᵀ holds activations alone, no loss
+        assert _all_nan([f.G for f in out])
+        assert all(bool(jnp.all(jnp.isfinite(f.A))) for f in out)
+    else:
+        assert _all_nan(out)
+
+
+@pytest.mark.parametrize("kind", ["data", "tensor", "extend"])
+def test_parallel_checks_concrete_labels_and_poisons_traced_ones(kind):
+    net = bp.MLP((3, 4, 2), ("tanh", "softmax"), "cross_entropy")
+    params, x = net.init(jax.random.key(0)), jax.random.normal(jax.random.key(1), (5, 3))
+    if kind == "data":
+        step = bp.parallel.data_parallel(net, bp.parallel.device_mesh())
+    elif kind == "tensor":
+        step = bp.parallel.tensor_parallel(net, bp.parallel.device_mesh(1, 1))
+    else:
+        step = bp.parallel.data_parallel_extend(net, bp.parallel.device_mesh(), "variance")
+    y = jnp.asarray([0, 1, 1, -1, 1])
+    with pytest.raises(ValueError, match=re.escape("y.ravel()[3] = -1")):
+        step(params, x, y)
+    assert _all_nan(jax.jit(step)(params, x, y))
+    assert step.lower(params, x, jnp.zeros(5, jnp.int32)).compile() is not None  # still jit's

@@ -154,9 +154,9 @@ def compiled(
     """Runs a public ``f(net, ...)`` under ``jax.jit`` with ``net`` static, after checks in Python.
 
     ``net`` is checked first (a clear TypeError, not jit's "unhashable static argument"), and the
-    arguments named in ``positive`` while they are still concrete. Called eagerly, the function
-    compiles once per net and shapes instead of dispatching op by op; inside a caller's ``jit`` it
-    is inlined.
+    arguments named in ``positive`` and the labels ``y`` while they are still concrete. Called
+    eagerly, the function compiles once per net and shapes instead of dispatching op by op;
+    inside a caller's ``jit`` it is inlined.
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -166,10 +166,11 @@ def compiled(
         @functools.wraps(fn)
         def wrapper(net: Any, *args: Any, **kwargs: Any) -> Any:
             check_net(net)
-            if positive:
-                bound = signature.bind(net, *args, **kwargs)
-                for name in positive:
-                    check_positive(bound.arguments[name], name)
+            bound = signature.bind(net, *args, **kwargs)
+            for name in positive:
+                check_positive(bound.arguments[name], name)
+            if "y" in bound.arguments:  # inside the jit the labels are traced: poisoned, unchecked
+                net.check_labels(bound.arguments["y"])
             return jitted(net, *args, **kwargs)
 
         return wrapper

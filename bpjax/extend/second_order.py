@@ -86,6 +86,8 @@ def loss_hessian_factor(net: Any, z: Array, y: Array) -> tuple[Array, Array | No
         factor = sqrt_p[:, :, None] * eye - p[:, :, None] * sqrt_p[:, None, :]
         if y.ndim == 2:  # H = (Σ_j y_j)(diag p − p pᵀ) for a target vector
             factor = factor * jnp.sqrt(jnp.sum(y, axis=-1))[:, None, None]
+        else:  # H does not depend on a label, but C_n is undefined for one out of range: NaN
+            factor = factor * _losses.label_poison(y, n, z.dtype)[:, None, None]
         return factor, None
 
     def one(z_n: Array, y_n: Array) -> Array:
@@ -177,6 +179,8 @@ def _sampled_factor(net: Any, z: Array, y: Array, key: PRNGKey, samples: int) ->
         g = p - jax.nn.one_hot(labels, n, dtype=z.dtype)
         if y.ndim == 2:
             g = g * jnp.sqrt(jnp.sum(y, axis=-1))[:, None]
+        else:  # as in loss_hessian_factor: NaN for an example whose label is out of range
+            g = g * _losses.label_poison(y, n, z.dtype)[:, None]
     else:
         raise ValueError(
             f"net: diag_ggn_mc samples targets from the model's likelihood, which only the "

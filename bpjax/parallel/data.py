@@ -22,7 +22,14 @@ from bpjax.extend.first_order import batch_grad, batch_l2_grad, sum_grad_squared
 from bpjax.extend.passes import check_net, example_deltas, forward
 from bpjax.extend.second_order import KFACFactors, curvature_deltas, signed_square_sum
 from bpjax.network import Serial
-from bpjax.parallel.mesh import check_batch, check_mesh_axis, pad, param_dtype, place
+from bpjax.parallel.mesh import (
+    check_batch,
+    check_mesh_axis,
+    checking_labels,
+    pad,
+    param_dtype,
+    place,
+)
 
 __all__ = [
     "DATA_PARALLEL_QUANTITIES",
@@ -124,7 +131,7 @@ def data_parallel(
         xp, yp, w = place((xp, yp, w), mesh, P(axis))
         return sharded(params, xp, yp, w)
 
-    return jax.jit(step)
+    return checking_labels(net, jax.jit(step))
 
 
 def _local_quantity(
@@ -230,4 +237,4 @@ def data_parallel_extend(
             out = jax.tree.map(lambda leaf: leaf[:batch], out)
         return out
 
-    return jax.jit(run)
+    return checking_labels(net, jax.jit(run))

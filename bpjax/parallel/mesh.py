@@ -8,8 +8,9 @@ joins a multi-host job; :func:`check_mesh_axis`, :func:`check_batch`, :func:`par
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -23,6 +24,7 @@ from bpjax._types import Array
 __all__ = [
     "check_batch",
     "check_mesh_axis",
+    "checking_labels",
     "device_mesh",
     "initialize",
     "pad",
@@ -174,6 +176,24 @@ def check_batch(x: Array, y: Array) -> int:
             f"{jnp.shape(y)}."
         )
     return batch
+
+
+def checking_labels(net: Any, jitted: Any) -> Callable[..., Any]:
+    """``jitted(params, x, y)`` that first checks concrete labels (``net.check_labels(y)``).
+
+    Inside ``jitted`` the labels are traced and only poisoned where out of range (NaN); checked
+    here, while they are still concrete, an out-of-range label is a ``ValueError`` as in
+    ``net.loss``. ``lower``, ``trace`` and ``eval_shape`` are ``jitted``'s own.
+    """
+
+    @functools.wraps(jitted)
+    def call(params: Any, x: Array, y: Array) -> Any:
+        net.check_labels(y)
+        return jitted(params, x, y)
+
+    for name in ("lower", "trace", "eval_shape"):
+        setattr(call, name, getattr(jitted, name))
+    return call
 
 
 def param_dtype(params: Any) -> Any:

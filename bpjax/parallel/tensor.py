@@ -20,7 +20,14 @@ from bpjax._types import Array, Grads, Params
 from bpjax.extend.passes import check_net
 from bpjax.layers import Dense
 from bpjax.network import Serial
-from bpjax.parallel.mesh import check_batch, check_mesh_axis, pad, param_dtype, place
+from bpjax.parallel.mesh import (
+    check_batch,
+    check_mesh_axis,
+    checking_labels,
+    pad,
+    param_dtype,
+    place,
+)
 
 __all__ = [
     "check_dense_net",
@@ -221,7 +228,7 @@ def data_tensor_parallel(
         xp, yp, w = place((xp, yp, w), mesh, batch_spec)
         return run(params, xp, yp, w)
 
-    return jax.jit(step)
+    return checking_labels(net, jax.jit(step))
 
 
 def tensor_parallel(

@@ -1,0 +1,99 @@
+"""The opt-in checked mode: run a function with its run-time checks on, and raise where one fails.
+
+Some bad input cannot be seen while tracing: integer class labels passed to a jitted function
+are tracers, and whether each lies in ``[0, n_L)`` is known only when the program runs. bpjax
+never turns such an input into a finite wrong number: an out-of-range label makes its example's
+loss and every gradient it reaches NaN (:func:`bpjax.losses.label_poison`). The same code
+states each such condition as a ``jax.experimental.checkify.debug_check``, free (dropped) in a
+plain program; :func:`checked` runs a function under ``checkify`` so that the first failing one
+raises, with the index and the value.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import jax
+import numpy as np
+from jax.experimental import checkify
+
+__all__ = ["checked"]
+
+R = TypeVar("R")
+
+# what checkify appends to a failing check's message: its own wording, or the source line of
+# the check (bpjax's code, not the caller's)
+_SUFFIXES = (" (`check` failed)", " (check failed at ")
+
+
+def _is_array(leaf: Any) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex, bool))
+
+
+def checked(
+    fn: Callable[..., R], *, errors: frozenset[Any] = checkify.user_checks
+) -> Callable[..., R]:
+    """``fn`` with bpjax's run-time checks on: a failing one raises ``ValueError``.
+
+    ``checked(jax.jit(net.value_and_grad))(params, x, y)`` computes what the jitted function
+    computes, and where ``y`` holds a class label outside ``[0, n_L)`` raises instead of returning
+    NaN::
+
+        ValueError: y: class label y.ravel()[1] = 2 is outside [0, n_L) = [0, 2).
+
+    ``fn`` may be jitted or not and take any pytrees; arguments that are not arrays (a network
+    spec passed to :func:`bpjax.extend.batch_grad`, a Python string) are held fixed, as
+    ``static_argnums`` would. The checks cost a little run time (the failing index is computed
+    and carried out); the unchecked function pays nothing for them.
+
+    Args:
+      fn: any function built from bpjax (or JAX) code.
+      errors: the ``checkify`` error sets to enable; the default, ``checkify.user_checks``, is
+        bpjax's own checks. Add ``checkify.nan_checks`` or ``checkify.index_checks`` to stop at
+        the first NaN or out-of-bounds index anywhere in ``fn``.
+
+    Returns:
+      A function with ``fn``'s signature and results. Call it outside ``jax.jit`` (it raises
+      in Python); it may wrap a jitted function.
+
+    Raises:
+      TypeError: ``fn`` is not callable.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bpjax as bp
+      >>> net = bp.MLP((3, 4, 2), ("tanh", "softmax"), "cross_entropy")
+      >>> params, x = net.init(jax.random.key(0)), jnp.ones((3, 3))
+      >>> loss = bp.checked(jax.jit(net.loss))
+      >>> bool(jnp.isfinite(loss(params, x, jnp.array([0, 1, 1]))))
+      True
+      >>> loss(params, x, jnp.array([0, 2, 1]))
+      Traceback (most recent call last):
+      ...
+      ValueError: y: class label y.ravel()[1] = 2 is outside [0, n_L) = [0, 2).
+    """
+    if not callable(fn):
+        raise TypeError(f"fn: expected a function, got {type(fn).__name__}.")
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> R:
+        leaves, treedef = jax.tree.flatten((args, kwargs))
+        where = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
+
+        def with_arrays(arrays: list[Any]) -> R:
+            full = list(leaves)
+            for i, array in zip(where, arrays, strict=True):
+                full[i] = array
+            a, kw = jax.tree.unflatten(treedef, full)
+            return fn(*a, **kw)
+
+        error, out = checkify.checkify(with_arrays, errors=errors)([leaves[i] for i in where])
+        message = error.get()
+        if message is not None:
+            for suffix in _SUFFIXES:
+                message = message.split(suffix)[0]
+            raise ValueError(message)
+        return out
+
+    return run
