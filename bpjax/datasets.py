@@ -22,7 +22,12 @@ A ``.npz`` file (:func:`load_npz`) needs arrays ``x`` and ``y`` with one row per
 ``x`` is ``(n, n_0)`` (or ``(n, d_1, d_2, ...)``, flattened to ``(n, d_1 d_2 ...)``), real and
 finite. ``y`` decides the task:
 
-- integer (or boolean) ``(n,)``: class labels ``0 … K−1``, ``K = max(y) + 1 ≥ 2``;
+- integer (or boolean) ``(n,)``: class labels ``0 … K−1``, ``K = max(y) + 1 ≥ 2``, with
+  ``K ≤ MAX_CLASSES`` (10 000) and ``K ≤ CLASSES_PER_EXAMPLE · n`` (10 per example): a network
+  has one output per class, so a label that is really an identifier (``1e9``) would ask for a
+  giant output layer; and ``n`` examples show at most ``n`` classes, so ``K`` ten times beyond
+  them means labels that are not class indices ``0 … K−1`` (a subsample that misses some
+  classes stays well inside it);
 - one-hot rows ``(n, K)`` (every entry 0 or 1, exactly one 1 per row): read as the labels
   ``argmax`` of each row;
 - any other float ``(n, n_L)``, or float ``(n,)`` (read as ``(n, 1)``): regression targets.
@@ -44,7 +49,9 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = [
+    "CLASSES_PER_EXAMPLE",
     "DATASETS",
+    "MAX_CLASSES",
     "Dataset",
     "Normalizer",
     "digits_dataset",
@@ -212,6 +219,12 @@ DATASETS = {"xor": xor_dataset, "spirals": spirals_dataset, "digits": digits_dat
 
 # -- a user's .npz ----------------------------------------------------------------------------
 
+MAX_CLASSES = 10_000
+"""The most classes ``K = max(y) + 1`` integer labels of a ``.npz`` may ask for."""
+
+CLASSES_PER_EXAMPLE = 10
+"""Integer labels may ask for at most this many classes per example: ``K ≤ 10 n``."""
+
 
 def load_npz(path: str | os.PathLike[str]) -> Dataset:
     """A :class:`Dataset` from a ``.npz`` file with arrays ``x`` and ``y`` (see the module doc).
@@ -226,7 +239,8 @@ def load_npz(path: str | os.PathLike[str]) -> Dataset:
     Raises:
       ValueError: the file is missing, unreadable or not an ``.npz`` archive; ``x`` or ``y`` is
         absent, not numeric, of the wrong rank, with a different number of rows, empty, or not
-        finite; labels that are negative or of fewer than two classes. Each message is one line.
+        finite; labels that are negative, of fewer than two classes, or of more than
+        :data:`MAX_CLASSES` or ``CLASSES_PER_EXAMPLE · n`` classes. Each message is one line.
     """
     file = pathlib.Path(path)
     where = f"{str(path)!r}"
@@ -277,27 +291,45 @@ def _from_arrays(x: np.ndarray, y: np.ndarray, *, name: str) -> Dataset:
     if x.shape[0] == 0 or x[0].size == 0 or (y.ndim == 2 and y.shape[1] == 0):
         raise ValueError(f"{name}: no data: x {x.shape}, y {y.shape}.")
     x = x.reshape(x.shape[0], -1)
-    if not np.all(np.isfinite(x)):
-        raise ValueError(f"{name}: x has {np.sum(~np.isfinite(x))} NaN or infinite entries.")
+    _check_finite(x, "x", name)
     x = x.astype(np.float32)
     if np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
         if y.ndim == 1:
             return Dataset(x, *_labels(y.astype(np.int64), name), name)
         y = y.astype(np.float32)
-    if not np.all(np.isfinite(y)):
-        raise ValueError(f"{name}: y has {np.sum(~np.isfinite(y))} NaN or infinite entries.")
+    _check_finite(y, "y", name)
     if y.ndim == 2 and y.shape[1] >= 2 and np.all((y == 0) | (y == 1)) and np.all(y.sum(1) == 1):
         labels, _ = _labels(np.argmax(y, axis=1), name)
         return Dataset(x, labels, int(y.shape[1]), name)  # one-hot: K is the width
     return Dataset(x, y.reshape(y.shape[0], -1).astype(np.float32), None, name)
 
 
+def _check_finite(array: np.ndarray, label: str, name: str) -> None:
+    bad = ~np.isfinite(array)
+    if np.any(bad):
+        row = int(np.argwhere(bad)[0][0])
+        raise ValueError(
+            f"{name}: {label} has {np.sum(bad)} NaN or infinite entries (the first in row {row}); "
+            "expected finite numbers."
+        )
+
+
 def _labels(y: np.ndarray, name: str) -> tuple[np.ndarray, int]:
+    """Integer labels as int32 and their class count ``K``, checked (see the module doc)."""
     lo, hi = int(y.min()), int(y.max())
     if lo < 0:
         raise ValueError(f"{name}: class labels y must be 0, 1, …, K−1, got a label {lo}.")
     if hi < 1:
         raise ValueError(f"{name}: y has a single class (every label is {hi}); need at least 2.")
+    # checked before anything is sized by K: the network's output layer, one-hot rows
+    limit = min(MAX_CLASSES, CLASSES_PER_EXAMPLE * len(y))
+    if hi + 1 > limit:
+        raise ValueError(
+            f"{name}: class labels y ask for K = max(y) + 1 classes, one network output each, "
+            f"and K may be at most {MAX_CLASSES:,} and at most {CLASSES_PER_EXAMPLE} per example "
+            f"({CLASSES_PER_EXAMPLE * len(y):,} for these {len(y):,}); got a label {hi:,}, "
+            f"K = {hi + 1:,}."
+        )
     return y.astype(np.int32), hi + 1
 
 

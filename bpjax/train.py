@@ -313,7 +313,9 @@ class History(NamedTuple):
 
     step_loss: list[float]  # the minibatch loss C before each step, one per step
     evals: list[EvalRecord]  # after every eval_every epochs (and the last one)
-    stopped: str  # "epochs", "target_loss" (reached) or "nonfinite" (the loss became NaN/inf)
+    # "epochs", "target_loss" (reached), "nonfinite" (the loss became NaN/inf) or
+    # "interrupted" (fit's interrupt returned True)
+    stopped: str
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: ``step_loss``, ``evals`` (a list of dicts) and ``stopped``."""
@@ -347,6 +349,7 @@ def fit(
     target_loss: float | None = None,
     on_step: Callable[[int], None] | None = None,
     on_eval: Callable[[EvalRecord], None] | None = None,
+    interrupt: Callable[[], bool] | None = None,
 ) -> FitResult:
     """Trains ``net`` from ``params`` by minibatch optimisation; returns the params and history.
 
@@ -355,7 +358,7 @@ def fit(
     of the permutation waits for a later epoch's shuffle). After every ``eval_every`` epochs,
     and after the last, the whole training split and the held-out split are evaluated
     (:func:`evaluate`). Training stops early when the training-split loss is at most
-    ``target_loss``, or when a loss is no longer finite.
+    ``target_loss``, when a loss is no longer finite, or when ``interrupt()`` says so.
 
     Args:
       net: any network (an :class:`~bpjax.MLP` or a :func:`~bpjax.serial` one); its input size
@@ -378,6 +381,11 @@ def fit(
       on_step: called with the number of steps done after each step is dispatched (the loss is
         not waited for), e.g. to advance a progress bar.
       on_eval: called with each :class:`EvalRecord` as it is made.
+      interrupt: polled after every step; once it returns ``True`` training stops there, at a
+        step boundary, so the params and the step losses agree: the params reached are
+        evaluated (an :class:`EvalRecord` whose ``epoch`` counts the epochs completed) and
+        returned with ``history.stopped == "interrupted"``. A Ctrl-C handler that sets a flag,
+        as ``bpjax train`` does, stops a run without losing it.
 
     Returns:
       A :class:`FitResult`. The history's ``step_loss`` has one minibatch loss per step taken.
@@ -431,7 +439,10 @@ def fit(
             pending.append(loss)
             if on_step is not None:
                 on_step(len(step_loss) + len(pending))
-        if epoch % eval_every and epoch != epochs:
+            if interrupt is not None and interrupt():
+                stopped = "interrupted"
+                break
+        if stopped != "interrupted" and epoch % eval_every and epoch != epochs:
             continue
         fresh = np.asarray(jnp.stack(pending)).tolist()
         step_loss.extend(fresh)
@@ -439,7 +450,7 @@ def fit(
         train_metrics = evaluate_jit(net, state.params, x_train, y_train)
         test_metrics = None if held_out is None else evaluate_jit(net, state.params, *held_out)
         record = EvalRecord(
-            epoch=epoch,
+            epoch=len(step_loss) // steps_per_epoch,  # completed: an interrupted one is not
             step=len(step_loss),
             seconds=time.perf_counter() - start,
             train_loss=float(train_metrics.loss),
@@ -450,6 +461,8 @@ def fit(
         evals.append(record)
         if on_eval is not None:
             on_eval(record)
+        if stopped == "interrupted":
+            break
         if not (math.isfinite(record.train_loss) and all(map(math.isfinite, fresh))):
             stopped = "nonfinite"
             break

@@ -61,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
       0 when everything passed, 1 when a check failed (``check``) or the loss stopped being
-      finite (``train``), 2 for bad arguments or a bad data file.
+      finite (``train``), 2 for bad arguments or a bad data file; ``train`` also 74 when its
+      results could not be written and 130 when Ctrl-C stopped it (``bpjax.cli.train.EXIT_*``).
     """
     parser = _parser()
     try:

@@ -26,10 +26,12 @@ from typing import Any
 __all__ = [
     "MODELS",
     "OUTPUT_ACTIVATION",
+    "PROBABILITY_ROW_TOLERANCE",
     "OptionError",
     "build_cnn",
     "build_mlp",
     "check_fits",
+    "check_targets",
     "cnn_input_shape",
     "default_loss",
     "describe_network",
@@ -119,6 +121,64 @@ def default_loss(data: Any, loss: str | None, source: str) -> str:
             f"{source} has one regression target per example; use squared_error"
         )
     return loss
+
+
+# A probability row stored in float32: rounding each p_j moves it by ≤ u·p_j (u = 2⁻²⁴ ≈ 6e-8),
+# the row's sum by ≤ u; a row normalised in float32 (p_j = e_j / S, S a float32 sum of K terms,
+# off by ≤ (K − 1)u·S) sums to 1 within about 2K·u ≈ 1.2e-7·K. 1e-6·K is 8× that: any
+# probability row passes, and regression targets (which sum to anything) almost never do.
+PROBABILITY_ROW_TOLERANCE = 1e-6
+"""Float targets for cross_entropy must sum to 1 per row within this times the row's width K."""
+
+
+def _row_text(row: Any) -> str:
+    shown = ", ".join(f"{v:.4g}" for v in row[:4])
+    return f"[{shown}{', …' if len(row) > 4 else ''}]"
+
+
+def check_targets(loss: str, data: Any, source: str, chosen_by: str) -> None:
+    """Float targets that ``loss`` is defined on: for cross_entropy, rows of probabilities
+    (non-negative, summing to 1 within ``PROBABILITY_ROW_TOLERANCE · K``); for
+    binary_cross_entropy, entries in ``[0, 1]``. Class labels (``data.num_classes`` set) pass.
+
+    Args:
+      loss: the network's loss name.
+      data: the :class:`bpjax.datasets.Dataset`.
+      source: ``--data`` as given, for the message.
+      chosen_by: what chose the loss, for the message: ``--loss cross_entropy``, ``net.py:NET``.
+
+    Raises:
+      OptionError: ``argument --data: …`` naming the first bad row, what came and what was
+        expected; otherwise training would minimise a loss that is not one (cross_entropy of
+        real-valued targets has no minimum: it went to −0.14 and on).
+    """
+    import numpy as np
+
+    if data.num_classes is not None or loss not in ("cross_entropy", "binary_cross_entropy"):
+        return
+    y = np.asarray(data.y, np.float64)
+    tolerance = PROBABILITY_ROW_TOLERANCE * y.shape[1]
+    if loss == "binary_cross_entropy":
+        bad = np.any((y < 0) | (y > 1), axis=1)
+    else:
+        bad = np.any(y < 0, axis=1) | (np.abs(y.sum(axis=1) - 1) > tolerance)
+    if not np.any(bad):
+        return
+    row = int(np.argmax(bad))
+    if loss == "binary_cross_entropy":
+        got = _row_text(y[row])
+        expected = "targets in [0, 1] (probabilities of each output)"
+    else:
+        got = f"{_row_text(y[row])} (sum {y[row].sum():.4g})"
+        expected = (
+            "integer class labels (n,), one-hot rows, or rows of non-negative entries summing "
+            f"to 1 within {tolerance:.0e}"
+        )
+    raise OptionError(
+        f"argument --data: {source}: y holds float targets {tuple(y.shape)} that {loss} "
+        f"({chosen_by}) is not defined on: {np.sum(bad):,} rows such as row {row}, {got}; "
+        f"expected {expected}, or the squared_error loss for regression targets"
+    )
 
 
 def build_mlp(

@@ -5,7 +5,12 @@ file (:mod:`bpjax.datasets`), on the manual or the autodiff gradients, with a ri
 on a terminal (plain lines, about ten, anywhere else), and writes the params, the history and a
 loss-curve PNG with ``--out DIR``. The network is an MLP, the built-in CNN or one from a Python
 spec file (``--model``, :mod:`bpjax.cli.models`). The progress display and the loss-curve figure are
-in :mod:`bpjax.cli.train_report`. A bad option or data file is a one-line error and status 2.
+in :mod:`bpjax.cli.train_report`; how ``--out`` is checked before training and written as one
+complete set after it, and how Ctrl-C stops a run and keeps it, in :mod:`bpjax.cli.train_outputs`.
+
+Every failure is one line on stderr, and the exit status says which kind it was (``EXIT_*``): a
+bad option or data file 2, a loss that stopped being finite 1, results that could not be written
+74 (sysexits' EX_IOERR), Ctrl-C 130 (128 + SIGINT, as a shell reports it).
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from typing import Any
 
 from bpjax.cli.models import (
     MODELS,
+    PROBABILITY_ROW_TOLERANCE,
     OptionError,
     build_cnn,
     build_mlp,
     check_fits,
+    check_targets,
     cnn_input_shape,
     default_loss,
     describe_network,
@@ -31,8 +38,6 @@ from bpjax.cli.models import (
     load_network,
     model_label,
     model_option,
-    network_record,
-    params_arrays,
 )
 from bpjax.cli.options import (
     fraction,
@@ -44,7 +49,29 @@ from bpjax.cli.options import (
     positive_float,
     widths,
 )
-from bpjax.cli.train_report import metrics_text, plot_history, progress, rate_text
+from bpjax.cli.train_outputs import SaveError, prepare_out_dir, sigint_flag, write_results
+from bpjax.cli.train_report import metrics_text, progress, rate_text
+from bpjax.datasets import CLASSES_PER_EXAMPLE, MAX_CLASSES
+
+EXIT_OK = 0
+"""``bpjax train`` trained (to its epochs or its target loss) and saved what it was asked to."""
+EXIT_DIVERGED = 1
+"""The loss stopped being finite; the run up to there is saved."""
+EXIT_USAGE = 2
+"""A bad option or data file, or an ``--out`` that cannot take the results; nothing trained."""
+EXIT_IOERR = 74
+"""The results could not be written after training (sysexits.h EX_IOERR)."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT): the run reached so far is saved, marked interrupted, unless pressed twice."""
+
+_EXIT_TEXT = (
+    f"Exit status: {EXIT_OK} done; {EXIT_DIVERGED} the loss stopped being finite (the run so far "
+    f"is saved); {EXIT_USAGE} a bad option or data file, or an --out that cannot take the results "
+    f"(before any step); {EXIT_IOERR} the results could not be written after training "
+    f"(EX_IOERR; --out is left as it was); {EXIT_INTERRUPTED} Ctrl-C: the run stops at the next "
+    "step and the params and history reached are saved, marked interrupted; a second Ctrl-C "
+    "quits at once without saving."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +125,7 @@ def add_train_parser(commands: Any) -> None:
             "(n, n_L). Inputs are standardised with the training split's mean and standard "
             "deviation: per feature for flat inputs, per channel (pooled over the pixels) for "
             "images. A held-out split is evaluated after every epoch; the progress "
-            "bar shows the loss, the accuracy and the steps per second. Exits 2 on a bad option "
-            "or file, 1 if the loss stops being finite."
+            "bar shows the loss, the accuracy and the steps per second."
         ),
         epilog=(
             f"Defaults by data set ({defaults}); --model cnn: --epochs {_CNN_DEFAULTS.epochs} "
@@ -110,11 +136,20 @@ def add_train_parser(commands: Any) -> None:
             "A spec file (--model path/to/file.py:NAME) is imported and NAME must be a network, "
             "bp.serial(*layers, loss=, input_shape=) or bp.MLP(...), or a function of no "
             "arguments that returns one; data rows are reshaped to its input_shape. "
+            "Integer labels ask for K = max(y) + 1 classes: at most "
+            f"{MAX_CLASSES:,}, and at most {CLASSES_PER_EXAMPLE} per example; float targets "
+            "for cross_entropy must be rows of probabilities (non-negative, summing to 1 within "
+            f"{PROBABILITY_ROW_TOLERANCE:g}·K), for binary_cross_entropy in [0, 1]; x and y "
+            "finite. "
             "--out DIR writes params.npz (each params[l][k] as k{l}: an MLP's W0, b0, W1, b1, …, "
             "the CNN's W0, b0, W2, b2, W5, b5; a leaf deeper in a block params[l][i]…[k] as "
             "k{l}.i.…; x_mean, x_scale: the input standardisation x̂ = (x − x_mean)/x_scale of "
-            "the flat rows), history.json (the options, the network, every step's minibatch loss "
-            "and every evaluation) and loss.png. "
+            "the flat rows), history.json (every option, the network, the versions of bpjax, jax "
+            "and jaxlib, the device, how the run stopped, every step's minibatch loss and every "
+            "evaluation), loss.png and, last, manifest.json (the files' sizes and SHA-256: the "
+            "set is complete when it is there). --out is checked before training; earlier "
+            "results in it are replaced only with --overwrite, as a whole. "
+            f"{_EXIT_TEXT} "
             "Examples: bpjax train --data digits --grad autodiff --out run/; "
             "bpjax train --data digits --model cnn; bpjax train --data xor --model net.py:NET"
         ),
@@ -251,7 +286,15 @@ def add_train_parser(commands: Any) -> None:
         "--out",
         default=None,
         metavar="DIR",
-        help="write params.npz, history.json and loss.png here (created if missing)",
+        help=(
+            "write params.npz, history.json, loss.png and manifest.json here (created if "
+            "missing; checked writable before training)"
+        ),
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run in --out (refused without it)",
     )
 
 
@@ -300,6 +343,9 @@ def _check_model_options(args: argparse.Namespace) -> None:
 
 def _build_net(args: argparse.Namespace, data: Any, defaults: _TrainDefaults) -> Any:
     """The network ``--model`` asks for, checked against the data; raises OptionError."""
+    if args.model in MODELS:
+        loss = default_loss(data, args.loss, args.data)
+        check_targets(loss, data, args.data, f"--loss {loss}")
     if args.model == "mlp":
         return build_mlp(
             data,
@@ -307,21 +353,20 @@ def _build_net(args: argparse.Namespace, data: Any, defaults: _TrainDefaults) ->
             sizes=args.sizes,
             hidden=args.hidden or defaults.hidden,
             activations=args.activations or (defaults.activation,),
-            loss=default_loss(data, args.loss, args.data),
+            loss=loss,
         )
     if args.model == "cnn":
         shape = cnn_input_shape(args.input_shape, data.num_features, args.data)
-        net = build_cnn(shape, data.num_outputs, default_loss(data, args.loss, args.data))
+        net = build_cnn(shape, data.num_outputs, loss)
     else:
         net = load_network(args.model)
+        check_targets(net.objective.name, data, args.data, f"--model {args.model}")
     check_fits(net, data, args.data, "model")
     return net
 
 
 def _train_setup(args: argparse.Namespace) -> _TrainSetup:
     """Loads and splits the data, builds the net and the optimiser; raises OptionError."""
-    import pathlib
-
     from bpjax import datasets, train
 
     _check_model_options(args)
@@ -347,12 +392,7 @@ def _train_setup(args: argparse.Namespace) -> _TrainSetup:
     training = dataclasses.replace(training, x=normalizer(training.x))
     test = dataclasses.replace(test, x=normalizer(test.x))
 
-    out = None if args.out is None else pathlib.Path(args.out)
-    if out is not None:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise OptionError(f"argument --out: cannot create {str(out)!r}: {error}") from None
+    out = None if args.out is None else prepare_out_dir(args.out, overwrite=args.overwrite)
     lr = args.lr or defaults.lr
     return _TrainSetup(
         net=net,
@@ -366,48 +406,6 @@ def _train_setup(args: argparse.Namespace) -> _TrainSetup:
         lr=lr,
         out=out,
     )
-
-
-def _write_outputs(setup: _TrainSetup, args: argparse.Namespace, result: Any) -> list[str]:
-    """params.npz, history.json and loss.png under ``setup.out``; returns the paths."""
-    import json
-
-    import numpy as np
-
-    out = setup.out
-    arrays = params_arrays(result.params)
-    arrays["x_mean"], arrays["x_scale"] = (np.asarray(a) for a in setup.normalizer)
-    np.savez(out / "params.npz", **arrays)
-    options = {
-        key: value for key, value in vars(args).items() if key not in ("run", "parser", "command")
-    }
-    record = {
-        "command": "bpjax train",
-        "options": options,
-        "model": args.model,
-        "net": network_record(setup.net),
-        "optimizer": {"name": args.optimizer, "learning_rate": setup.lr},
-        "epochs": setup.epochs,
-        "batch_size": setup.batch_size,
-        "data": {
-            "source": args.data,
-            "train_examples": len(setup.train),
-            "test_examples": len(setup.test),
-            "features": setup.train.num_features,
-            "classes": setup.train.num_classes,
-        },
-        **result.history.to_dict(),
-    }
-    with open(out / "history.json", "w", encoding="utf-8") as file:
-        json.dump(record, file)
-    plot_history(
-        result.history,
-        out / "loss.png",
-        title=f"{args.data}: {setup.label} {describe_network(setup.net)}, "
-        f"{args.optimizer} lr {setup.lr:g}, "
-        f"{args.grad} gradients",
-    )
-    return [str(out / name) for name in ("params.npz", "history.json", "loss.png")]
 
 
 def _fail(parser: argparse.ArgumentParser, message: str) -> int:
@@ -437,7 +435,33 @@ def _device_mesh(devices: int | None) -> Any:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Runs ``bpjax train`` with parsed arguments; returns the exit status."""
+    """Runs ``bpjax train`` with parsed arguments; returns the exit status (``EXIT_*``)."""
+    try:
+        return _train(args)
+    except KeyboardInterrupt:
+        # before the first step, or a second Ctrl-C: --out is as it was before the run
+        kept = "" if args.out is None else f"; {args.out!r} is as it was before the run"
+        print(f"{args.parser.prog}: interrupted; nothing saved{kept}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _stop_reason(history: Any, target_loss: float | None) -> str:
+    if history.stopped == "target_loss":
+        return f"reached the target loss {target_loss:g}"
+    if history.stopped == "nonfinite":
+        return "STOPPED: the loss is no longer finite (try a lower --lr)"
+    if history.stopped == "interrupted":
+        return "INTERRUPTED (Ctrl-C)"
+    return "done"
+
+
+def _status(history: Any) -> int:
+    if history.stopped == "interrupted":
+        return EXIT_INTERRUPTED
+    return EXIT_DIVERGED if history.stopped == "nonfinite" else EXIT_OK
+
+
+def _train(args: argparse.Namespace) -> int:
     import jax
 
     from bpjax import train
@@ -463,47 +487,64 @@ def run_train(args: argparse.Namespace) -> int:
         flush=True,
     )
     start = time.perf_counter()
-    try:
-        with progress(total, epochs=setup.epochs) as (on_step, on_eval):
-            result = train.fit(
-                net,
-                net.init(jax.random.key(args.seed)),
-                training,
-                optimizer=setup.optimizer,
-                epochs=setup.epochs,
-                batch_size=batch,
-                seed=args.seed,
-                grad=args.grad,
-                grad_fn=grad_fn,
-                test=test,
-                eval_every=args.eval_every,
-                target_loss=args.target_loss,
-                on_step=on_step,
-                on_eval=on_eval,
+    # the first Ctrl-C stops training at the next step and lets the run be saved; a second one,
+    # in training or in saving, raises KeyboardInterrupt (run_train)
+    with sigint_flag() as interrupted:
+        try:
+            with progress(total, epochs=setup.epochs) as (on_step, on_eval):
+                result = train.fit(
+                    net,
+                    net.init(jax.random.key(args.seed)),
+                    training,
+                    optimizer=setup.optimizer,
+                    epochs=setup.epochs,
+                    batch_size=batch,
+                    seed=args.seed,
+                    grad=args.grad,
+                    grad_fn=grad_fn,
+                    test=test,
+                    eval_every=args.eval_every,
+                    target_loss=args.target_loss,
+                    on_step=on_step,
+                    on_eval=on_eval,
+                    interrupt=interrupted,
+                )
+        except ValueError as error:
+            if args.model in MODELS:
+                raise  # a built-in model that fit rejects is a bug: keep the traceback
+            # what check_fits does not foresee in a spec file's network: fit's message, one line
+            return _fail(args.parser, f"argument --model: {error}")
+        elapsed = time.perf_counter() - start
+        history = result.history
+        final = history.evals[-1]
+        print(
+            f"{_stop_reason(history, args.target_loss)} after {final.epoch} epochs "
+            f"({final.step} steps) in {elapsed:.1f} s, compiling included"
+            + (
+                ""
+                if len(history.evals) < 2
+                else rate_text(history.evals[0], final) + " once compiled"
             )
-    except ValueError as error:
-        if args.model in MODELS:
-            raise  # a built-in model that fit rejects is a bug: keep the traceback
-        # what check_fits does not foresee in a spec file's network: fit's message, one line
-        return _fail(args.parser, f"argument --model: {error}")
-    elapsed = time.perf_counter() - start
-    history = result.history
-    final = history.evals[-1]
-    if history.stopped == "target_loss":
-        reason = f"reached the target loss {args.target_loss:g}"
-    elif history.stopped == "nonfinite":
-        reason = "STOPPED: the loss is no longer finite (try a lower --lr)"
-    else:
-        reason = "done"
-    print(
-        f"{reason} after {final.epoch} epochs ({final.step} steps) in {elapsed:.1f} s, "
-        "compiling included"
-        + ("" if len(history.evals) < 2 else rate_text(history.evals[0], final) + " once compiled")
-    )
-    line = "train " + metrics_text(final.train_loss, final.train_accuracy)
-    if final.test_loss is not None:
-        line += "; held-out " + metrics_text(final.test_loss, final.test_accuracy)
-    print(line)
-    if setup.out is not None:
-        print("wrote " + ", ".join(_write_outputs(setup, args, result)))
-    return 1 if history.stopped == "nonfinite" else 0
+        )
+        line = "train " + metrics_text(final.train_loss, final.train_accuracy)
+        if final.test_loss is not None:
+            line += "; held-out " + metrics_text(final.test_loss, final.test_accuracy)
+        print(line)
+        status = _status(history)
+        if setup.out is not None:
+            try:
+                print("wrote " + ", ".join(write_results(setup, args, result, status)))
+            except SaveError as error:
+                print(f"{args.parser.prog}: error: {error}", file=sys.stderr)
+                return EXIT_IOERR
+    if status == EXIT_INTERRUPTED:
+        kept = (
+            "nothing saved (no --out)"
+            if setup.out is None
+            else f"saved the params and history reached to {str(setup.out)!r}, marked interrupted"
+        )
+        print(
+            f"{args.parser.prog}: interrupted at step {final.step} of {total}; {kept}",
+            file=sys.stderr,
+        )
+    return status

@@ -1,0 +1,112 @@
+"""``bpjax train`` refuses data it cannot train on, before building anything, in one line.
+
+Labels that ask for a giant output layer, float targets a cross-entropy loss is not defined on,
+NaN or infinite values. None of these runs reaches a training step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bpjax import datasets
+from bpjax import train as train_module
+from bpjax.cli import main
+from bpjax.cli.models import PROBABILITY_ROW_TOLERANCE, OptionError, check_targets
+from bpjax.cli.train import EXIT_USAGE
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    np.savez(root / "huge_label.npz", x=x[:4], y=np.array([0, 1, 2, 10**9]))
+    np.savez(root / "over_limit.npz", x=np.zeros((2000, 1)), y=np.arange(2000) * 6)
+    np.savez(root / "sparse.npz", x=x[:4], y=np.array([0, 1, 2, 40]))
+    np.savez(root / "real.npz", x=x, y=np.random.default_rng(1).normal(size=(20, 2)))
+    rows = np.full((20, 2), 0.5)
+    rows[3] = [0.5, 0.7]
+    np.savez(root / "not_rows.npz", x=x, y=rows)
+    np.savez(root / "inf_y.npz", x=x[:4], y=np.array([0.0, 1.0, np.inf, 2.0]))
+    np.savez(root / "nan_x.npz", x=np.array([[1.0], [np.nan]]), y=np.array([0, 1]))
+    return root
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def fit(*args, **kwargs):
+        pytest.fail("trained on data that should have been refused")
+
+    monkeypatch.setattr(train_module, "fit", fit)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--data", "{d}/huge_label.npz"],
+            "argument --data: {d}/huge_label.npz: class labels y ask for K = max(y) + 1 classes, "
+            "one network output each, and K may be at most 10,000 and at most 10 per example (40 "
+            "for these 4); got a label 1,000,000,000, K = 1,000,000,001.",
+        ),
+        (["--data", "{d}/over_limit.npz"], "at most 10,000 and at most 10 per example (20,000"),
+        (["--data", "{d}/sparse.npz"], "(40 for these 4); got a label 40, K = 41."),
+        (
+            ["--data", "{d}/real.npz", "--loss", "cross_entropy"],
+            "argument --data: {d}/real.npz: y holds float targets (20, 2) that cross_entropy "
+            "(--loss cross_entropy) is not defined on: 20 rows such as row 0, [0.3456, 0.8216] "
+            "(sum 1.167); expected integer class labels (n,), one-hot rows, or rows of "
+            "non-negative entries summing to 1 within 2e-06, or the squared_error loss for "
+            "regression targets",
+        ),
+        (
+            ["--data", "{d}/not_rows.npz", "--loss", "cross_entropy", "--model", "mlp"],
+            "1 rows such as row 3, [0.5, 0.7] (sum 1.2)",
+        ),
+        (
+            ["--data", "{d}/real.npz", "--loss", "binary_cross_entropy"],
+            "that binary_cross_entropy (--loss binary_cross_entropy) is not defined on: 13 rows "
+            "such as row 1, [0.3304, -1.303]; expected targets in [0, 1]",
+        ),
+        (
+            ["--data", "{d}/inf_y.npz"],
+            "argument --data: {d}/inf_y.npz: y has 1 NaN or infinite entries (the first in row "
+            "2); expected finite numbers.",
+        ),
+        (["--data", "{d}/nan_x.npz"], "x has 1 NaN or infinite entries (the first in row 1)"),
+    ],
+)
+def test_bad_data_exit_2_with_one_line(argv, message, files, capsys, no_training):
+    argv = [arg.replace("{d}", str(files)) for arg in argv]
+    code = main(["train", *argv])
+    captured = capsys.readouterr()
+    assert code == EXIT_USAGE and captured.out == ""
+    assert "Traceback" not in captured.err
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("bpjax train: error: ")
+    assert message.replace("{d}", str(files)) in last
+
+
+def test_labels_up_to_the_limits_are_classes(tmp_path):
+    assert datasets.MAX_CLASSES == 10_000 and datasets.CLASSES_PER_EXAMPLE == 10
+    np.savez(tmp_path / "edge.npz", x=np.zeros((3, 1)), y=np.array([0, 1, 29]))  # 10 × 3 = 30
+    assert datasets.load_dataset(tmp_path / "edge.npz").num_classes == 30
+
+
+def _rows(y: np.ndarray) -> datasets.Dataset:
+    return datasets.Dataset(np.zeros((len(y), 1), np.float32), y, None, "rows")
+
+
+def test_probability_rows_pass_within_the_tolerance():
+    # float32 softmax rows of any width: each within the derived bound of summing to 1
+    for width in (2, 10, 1000):
+        z = np.random.default_rng(width).normal(scale=5.0, size=(64, width)).astype(np.float32)
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        check_targets("cross_entropy", _rows(e / e.sum(axis=1, keepdims=True)), "p", "--loss")
+    tolerance = PROBABILITY_ROW_TOLERANCE * 2
+    check_targets("cross_entropy", _rows(np.array([[0.5, 0.5 + tolerance / 2]])), "p", "--loss")
+    with pytest.raises(OptionError, match="summing to 1 within 2e-06"):
+        check_targets("cross_entropy", _rows(np.array([[0.5, 0.5 + 2 * tolerance]])), "p", "-")
+    with pytest.raises(OptionError, match=r"row 0, \[1\.1, -0\.1\]"):  # sums to 1, but negative
+        check_targets("cross_entropy", _rows(np.array([[1.1, -0.1]])), "p", "--loss")
+    check_targets("squared_error", _rows(np.array([[1.1, -0.1]])), "p", "--loss")  # any target
