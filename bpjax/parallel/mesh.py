@@ -1,8 +1,8 @@
 """Meshes and hosts, and what every sharded step shares: checks, placement and padding.
 
 :func:`device_mesh` builds the ``("data",)`` or ``("data", "model")`` mesh, :func:`initialize`
-joins a multi-host job; :func:`check_mesh_axis`, :func:`check_batch`, :func:`param_dtype`,
-:func:`place` and :func:`pad` are the steps of :mod:`bpjax.parallel.data` and
+joins a multi-host job; :func:`check_mesh_axis`, :func:`check_batch`, :func:`check_global_batch`,
+:func:`param_dtype`, :func:`place` and :func:`pad` are the steps of :mod:`bpjax.parallel.data` and
 :mod:`bpjax.parallel.tensor` before their ``shard_map``.
 """
 
@@ -22,6 +22,7 @@ from bpjax._types import Array
 
 __all__ = [
     "check_batch",
+    "check_global_batch",
     "check_mesh_axis",
     "device_mesh",
     "initialize",
@@ -174,6 +175,18 @@ def check_batch(x: Array, y: Array) -> int:
             f"{jnp.shape(y)}."
         )
     return batch
+
+
+def check_global_batch(net: Any, params: Any, x: Array, y: Array) -> tuple[int, Array]:
+    """``(B, x)`` after the network's own checks of ``params``, ``x`` and ``y`` on the whole
+    batch, so that a bad input is named with the user's shapes, not one shard's.
+
+    ``x`` comes back as ``net.check_inputs`` returns it (cast to the params' dtype).
+    """
+    batch = check_batch(x, y)
+    x = net.check_inputs(params, x)
+    net.check_targets(y, jnp.zeros((batch, *net.output_shape), param_dtype(params)))
+    return batch, x
 
 
 def param_dtype(params: Any) -> Any:
