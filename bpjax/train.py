@@ -549,7 +549,7 @@ def check_data(net: Serial, data: Dataset, name: str) -> None:
     :class:`bpjax.Dataset`."""
     if not isinstance(data, Dataset):
         raise TypeError(
-            f"{name}: expected a bpjax.Dataset (bpjax.load_dataset or bpjax.Dataset(x, y)), got "
+            f"{name}: expected a bpjax.Dataset (e.g. from bpjax.load_dataset), got "
             f"{type(data).__name__}."
         )
     if getattr(net.layers[0], "integer_input", False):
