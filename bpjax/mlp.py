@@ -21,12 +21,14 @@ and its checks, and no state or code path of its own. Its backward is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from bpjax import activations as _act
 from bpjax import losses as _losses
+from bpjax._types import is_int
+from bpjax._validate import check_output
 from bpjax.layers import Dense
-from bpjax.network import Backward, Cache, Serial, check_output
+from bpjax.network import Backward, Cache, Serial
 
 __all__ = ["MLP", "Backward", "Cache"]
 
@@ -44,6 +46,7 @@ class MLP(Serial):
 
     Args:
       sizes: ``(n_0, n_1, ..., n_L)``, the input width then each layer's width; ``L ≥ 1``.
+        Python or NumPy integers (a NumPy array of them too).
       activations: ``L`` activations (names from :data:`bpjax.ACTIVATIONS` or
         :class:`bpjax.Activation` objects), one per layer, the last one the output's.
       loss: the loss name (from :data:`bpjax.LOSSES`) or a :class:`bpjax.Loss`. Because
@@ -85,6 +88,11 @@ class MLP(Serial):
         fuse_output: bool = True,
     ) -> None:
         sizes_t = _check_sizes(sizes)
+        if activations is None or not isinstance(activations, Iterable):
+            raise TypeError(
+                f"activations: expected a sequence of {len(sizes_t) - 1} activations (one per "
+                f"layer), got {type(activations).__name__}: {activations!r}."
+            )
         if isinstance(activations, (str, _act.Activation)):
             raise TypeError(
                 f"activations: expected a sequence of {len(sizes_t) - 1} activations (one per "
@@ -105,7 +113,7 @@ class MLP(Serial):
             except ValueError as err:  # name the argument as this signature spells it
                 raise ValueError(f"activations[{i}]: " + str(err).partition(": ")[2]) from None
         objective = _losses.get_loss(loss)
-        check_output(objective, layers[-1], "activations[-1]")
+        check_output(objective, layers, "activations[-1]")
         object.__setattr__(self, "layers", tuple(layers))
         object.__setattr__(self, "objective", objective)
         object.__setattr__(self, "input_shape", (sizes_t[0],))
@@ -146,7 +154,7 @@ def _check_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
         raise ValueError(
             f"sizes: expected at least two widths (n_0, n_1) for one layer, got {sizes_t}."
         )
-    bad = [s for s in sizes_t if isinstance(s, bool) or not isinstance(s, int) or s < 1]
+    bad = [s for s in sizes_t if not is_int(s) or s < 1]
     if bad:
         raise ValueError(f"sizes: expected positive integers, got {sizes_t} (bad: {bad}).")
-    return sizes_t
+    return tuple(int(s) for s in sizes_t)  # NumPy integers too: the spec stays plain and hashable

@@ -35,11 +35,11 @@ import jax.numpy as jnp
 
 from bpjax import losses as _losses
 from bpjax._types import Array, Grads, PRNGKey
+from bpjax._validate import check_key, check_output, describe, param_dtype
+from bpjax._validate import input_shape as checked_input_shape
 from bpjax.layers import Dense, Sequential, backprop, chain_forward, chain_init, check_layers
 
 __all__ = ["Backward", "Cache", "OutputError", "Serial", "SerialCache", "serial"]
-
-_PARAM_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 class Cache(NamedTuple):
@@ -163,13 +163,12 @@ class Serial:
 
         Returns:
           A list with one params pytree per layer.
+
+        Raises:
+          TypeError: ``key`` not one PRNG key, or ``dtype`` not one of those four.
         """
-        dtype = jnp.dtype(dtype)
-        if dtype.name not in _PARAM_DTYPES:
-            raise TypeError(
-                f"dtype: expected a floating dtype ({', '.join(_PARAM_DTYPES)}), got {dtype}."
-            )
-        return chain_init(self.layers, key, self.input_shape, dtype)[0]
+        check_key(key)
+        return chain_init(self.layers, key, self.input_shape, param_dtype(dtype))[0]
 
     def forward(
         self, params: Sequence[Any], x: Array, *, key: PRNGKey | None = None
@@ -181,6 +180,8 @@ class Serial:
           x: inputs ``(batch, *input_shape)``; floating ones are cast to the params' dtype.
           key: a PRNG key for the layers that take one (training), or ``None``.
         """
+        if key is not None:
+            check_key(key)
         x = self.check_inputs(params, x)
         out, caches = chain_forward(self.layers, params, x, key)
         return out, Cache(x, caches, out)
@@ -225,6 +226,7 @@ class Serial:
           ``deltas`` (one per layer) and ``input_grad`` (``∂C/∂x``, ``None`` for integer inputs).
         """
         self.check_params(params)
+        self.check_cache(cache)
         y = self.check_targets(y, cache.out)
         grads, errors, input_grad = self.backprop(params, cache, self.output_error(cache, y))
         batch = cache.out.shape[0]
@@ -262,6 +264,7 @@ class Serial:
         """The last layer's per-example error, unscaled: ``δ^L_n = ∂C_n/∂z^L_n`` for a layer with
         a weighted input (fused, or ``J_fᵀ ∇_a C_n``), else ``∂C_n/∂y_n``; shaped like the output.
         """
+        self.check_cache(cache)
         y = self.check_targets(y, cache.out)
         start = self.output_error(cache, y, weights=jnp.ones(cache.out.shape[0], cache.out.dtype))
         error, delta = start
@@ -329,6 +332,21 @@ class Serial:
                 f"params: do not match {self!r}:\n  "
                 + "\n  ".join(problems)
                 + "\nBuild them with net.init(key) or match its shapes."
+            )
+
+    def check_cache(self, cache: Any) -> None:
+        """Raises ``TypeError`` unless ``cache`` is a :class:`Cache` with one entry per layer."""
+        if not isinstance(cache, Cache):
+            raise TypeError(
+                "cache: expected the Cache from net.forward(params, x) (its second result), got "
+                f"{describe(cache)}."
+            )
+        n, got = len(self.layers), cache.layers
+        if not isinstance(got, (list, tuple)) or len(got) != n:
+            count = f"{len(got)}" if isinstance(got, (list, tuple)) else describe(got)
+            raise ValueError(
+                f"cache.layers: expected {n} layer caches (one per layer), got {count}; pass the "
+                "cache of this network's forward."
             )
 
     def check_inputs(self, params: Any, x: Array) -> Array:
@@ -486,25 +504,6 @@ def _param_problems(params: Any, expected: list[Any], per_layer: str) -> list[st
     return problems
 
 
-def check_output(objective: _losses.Loss, last: Any, argname: str) -> None:
-    """Raises ``ValueError`` when ``last`` is a Dense layer whose activation ``objective`` is not
-    defined on (``argname`` names it in the message)."""
-    if not isinstance(last, Dense) or objective.accepts is None:
-        return
-    act = last.activation
-    if act.output in objective.accepts:
-        return
-    hint = {
-        "cross_entropy": "; cross_entropy needs probabilities: use a 'softmax' output.",
-        "binary_cross_entropy": "; use a 'sigmoid' output.",
-    }.get(objective.name, ".")
-    raise ValueError(
-        f"{argname}: the loss {objective.name!r} is defined on outputs that are "
-        f"{' or '.join(sorted(objective.accepts))} but the output activation {act.name!r} gives "
-        f"{act.output} values" + hint
-    )
-
-
 @overload
 def serial(
     *layers: Any, loss: None = None, input_shape: None = None, fuse_output: bool = True
@@ -575,9 +574,7 @@ def serial(
         return Sequential(*layers)
     if input_shape is None:
         raise ValueError("input_shape: a network needs one example's shape, e.g. (n_0,).")
-    shape = tuple(input_shape)
-    if not shape or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
-        raise ValueError(f"input_shape: expected positive integers, got {input_shape!r}.")
+    shape = checked_input_shape(input_shape)
     objective = _losses.get_loss(loss)
-    check_output(objective, layers[-1], "layers[-1]")
+    check_output(objective, layers, "layers[-1]")
     return Serial(tuple(layers), objective, shape, bool(fuse_output))

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bpjax._types import Array, Grads, Params
+from bpjax._types import Array, Grads, Params, is_int, is_real
 from bpjax.datasets import Dataset
 from bpjax.losses import check_labels, one_hot_labels
 from bpjax.network import Serial
@@ -55,6 +55,7 @@ __all__ = [
     "Metrics",
     "TrainState",
     "check_data",
+    "check_training",
     "evaluate",
     "fit",
     "get_optimizer",
@@ -100,15 +101,21 @@ def get_optimizer(name: str, learning_rate: float) -> optax.GradientTransformati
     Raises:
       ValueError: an unknown name (the message lists the known ones) or a learning rate that is
         not a positive finite number.
+      TypeError: a learning rate that is not a number.
 
     Example:
       >>> opt = get_optimizer("adam", 1e-3)
       >>> type(opt).__name__
       'GradientTransformationExtraArgs'
     """
-    if name not in OPTIMIZERS:
+    if not isinstance(name, str) or name not in OPTIMIZERS:
         raise ValueError(
             f"optimizer: unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}."
+        )
+    if not is_real(learning_rate):
+        raise TypeError(
+            f"learning_rate: expected a positive number, got {type(learning_rate).__name__}: "
+            f"{learning_rate!r}."
         )
     if not (math.isfinite(learning_rate) and learning_rate > 0):
         raise ValueError(f"learning_rate: expected a positive number, got {learning_rate}.")
@@ -190,6 +197,9 @@ def make_train_step(
         :func:`gradient_fn`.
       optimizer: an optax gradient transformation.
 
+    Raises:
+      TypeError: ``grad_fn`` not callable, or ``optimizer`` without ``init`` and ``update``.
+
     Returns:
       ``step(state, x, y, key=None)`` for a :class:`TrainState`, inputs of shape
       ``(batch, *input_shape)`` and targets in the form the loss takes (:func:`loss_targets`);
@@ -210,6 +220,8 @@ def make_train_step(
       True
     """
 
+    check_training(grad_fn, optimizer)
+
     def step(
         state: TrainState, x: Array, y: Array, key: Array | None = None
     ) -> tuple[TrainState, Array]:
@@ -225,6 +237,23 @@ def make_train_step(
         return TrainState(params, opt_state), loss
 
     return step
+
+
+def check_training(grad_fn: Any, optimizer: Any) -> None:
+    """Raises ``TypeError`` unless ``grad_fn`` is callable and ``optimizer`` is an optax
+    gradient transformation (``init`` and ``update``)."""
+    if not callable(grad_fn):
+        raise TypeError(
+            "grad_fn: expected a function (params, x, y) -> (loss, grads), e.g. "
+            f"bpjax.gradient_fn(net), got {type(grad_fn).__name__}: {grad_fn!r}."
+        )
+    if not (
+        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
+    ):
+        raise TypeError(
+            "optimizer: expected an optax gradient transformation (init and update), e.g. "
+            f"bpjax.get_optimizer('adam', 1e-3), got {type(optimizer).__name__}: {optimizer!r}."
+        )
 
 
 def loss_targets(net: Serial, y: Array) -> Array:
@@ -391,8 +420,10 @@ def fit(
       A :class:`FitResult`. The history's ``step_loss`` has one minibatch loss per step taken.
 
     Raises:
-      ValueError: ``epochs``, ``batch_size`` or ``eval_every`` below 1; data whose width or
-        outputs do not match ``net.sizes``.
+      ValueError: ``epochs``, ``batch_size`` or ``eval_every`` not a positive integer; data
+        whose width or outputs do not match ``net.sizes``.
+      TypeError: ``net`` not a network, ``seed`` not an integer, ``grad_fn`` not callable or
+        ``optimizer`` not an optax gradient transformation.
 
     Example:
       >>> import jax
@@ -404,9 +435,17 @@ def fit(
       >>> result.history.evals[-1].train_accuracy
       1.0
     """
+    if not isinstance(net, Serial):
+        raise TypeError(
+            f"net: expected a bpjax network (bpjax.serial(...) or bpjax.MLP), got "
+            f"{type(net).__name__}."
+        )
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("eval_every", eval_every)):
-        if value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value}.")
+        if not is_int(value) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}.")
+    if not is_int(seed):
+        raise TypeError(f"seed: expected an integer, got {type(seed).__name__}: {seed!r}.")
+    check_training(grad_fn or net.value_and_grad, optimizer)
     check_data(net, train, "train")
     held_out = None
     if test is not None and len(test) > 0:
@@ -522,7 +561,13 @@ def network_inputs(net: Serial, x: Any) -> Array:
 def check_data(net: Serial, data: Dataset, name: str) -> None:
     """Raises ``ValueError`` (a one-line message starting with ``name``) unless :func:`fit` can
     train ``net`` on ``data``: float inputs of the network's input size, ``(n_L,)`` outputs per
-    example matching the data's classes or target columns."""
+    example matching the data's classes or target columns; ``TypeError`` unless ``data`` is a
+    :class:`bpjax.Dataset`."""
+    if not isinstance(data, Dataset):
+        raise TypeError(
+            f"{name}: expected a bpjax.Dataset (e.g. from bpjax.load_dataset), got "
+            f"{type(data).__name__}."
+        )
     if getattr(net.layers[0], "integer_input", False):
         raise ValueError(
             f"{name}: the network's first layer ({type(net.layers[0]).__name__}) takes integer "

@@ -298,3 +298,128 @@ def test_errors_are_raised_while_tracing(ce):
         jax.eval_shape(net.value_and_grad, params, jnp.ones((B, 4)), y)
     with pytest.raises(TypeError, match=r"y: cross_entropy takes integer class labels"):
         jax.make_jaxpr(net.value_and_grad)(params, jnp.ones((B, 3)), y.astype(jnp.float32))
+
+
+# -- arguments of the other entry points: named, with what was expected and what came ----------
+
+
+@pytest.mark.parametrize("sizes", [np.array([3, 4, 2]), (np.int64(3), np.int32(4), 2)])
+def test_mlp_takes_numpy_integer_sizes(sizes):
+    net = bp.MLP(sizes, ("tanh", "softmax"), "cross_entropy")
+    assert net.sizes == (3, 4, 2) and all(type(n) is int for n in net.sizes)
+    assert net == bp.MLP((3, 4, 2), ("tanh", "softmax"), "cross_entropy")
+
+
+@pytest.mark.parametrize("activations", [None, 3])
+def test_activations_that_are_not_a_sequence(activations):
+    with pytest.raises(TypeError, match=r"activations: expected a sequence of 2 activations"):
+        bp.MLP((3, 4, 2), activations, "cross_entropy")
+
+
+def _quadratic(p):
+    return jnp.sum(p**2)
+
+
+def _quadratic_manual(p):
+    return _quadratic(p), 2 * p
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"params": None}, ValueError, "params: expected a pytree of floating arrays.*no leaves"),
+        ({"params": "abc"}, TypeError, "params: leaf .* is a str; expected floating arrays"),
+        ({"rtol": -1.0}, ValueError, r"rtol: expected a finite number >= 0, got -1\.0"),
+        ({"atol": "a"}, ValueError, "atol: expected a finite number >= 0, got 'a'"),
+        ({"seed": "a"}, TypeError, "seed: expected an integer, got str"),
+        (
+            {"reference": lambda p: p**2},
+            TypeError,
+            r"reference: expected .* the scalar loss, got "
+            r"an output of shape \(3,\)",
+        ),
+        ({"manual": 3}, TypeError, "manual: expected a function, got int"),
+    ],
+    ids=["params-None", "params-str", "rtol", "atol", "seed", "reference-vector", "manual"],
+)
+def test_check_grads_names_a_bad_argument(kwargs, error, match):
+    args = {"manual": _quadratic_manual, "reference": _quadratic, "params": jnp.ones(3)} | kwargs
+    manual, reference, params = args.pop("manual"), args.pop("reference"), args.pop("params")
+    with pytest.raises(error, match=match):
+        bp.check_grads(manual, reference, params, **args)
+
+
+@pytest.mark.parametrize("name", ["manual", "reference"])
+def test_check_network_explains_it_builds_manual_and_reference(name, ce):
+    net, params, x, y = ce
+    with pytest.raises(TypeError, match=f"{name}: check_network builds the manual and reference"):
+        bp.check_network(net, params, x, y, **{name: _quadratic})
+
+
+@pytest.mark.parametrize("batch", [0, -5, 2.0])
+def test_communication_volume_needs_a_positive_batch(batch, ce):
+    with pytest.raises(ValueError, match=f"batch: expected the global batch, .*got {batch!r}"):
+        bp.parallel.communication_volume(ce[0], {"data": 2}, batch)
+
+
+def test_communication_volume_names_bad_mesh_sizes(ce):
+    with pytest.raises(ValueError, match=r"mesh_shape: expected positive integer axis sizes"):
+        bp.parallel.communication_volume(ce[0], {"data": 0}, 4)
+    vol = bp.parallel.communication_volume(ce[0], {"data": np.int64(2)}, np.int64(4))
+    assert vol == bp.parallel.communication_volume(ce[0], {"data": 2}, 4)
+
+
+def test_data_parallel_names_the_users_batch_not_a_shards(ce):
+    net, params, x, y = ce
+    step = bp.parallel.data_parallel(net, bp.parallel.device_mesh())
+    with pytest.raises(TypeError, match=rf"y: cross_entropy takes .* \(batch,\) = \({B},\)"):
+        step(params, x, y.astype(jnp.float32))
+
+
+def test_diag_ggn_mc_names_a_missing_key(ce):
+    net, params, x, y = ce
+    with pytest.raises(TypeError, match=r"key: expected a PRNG key from jax\.random\.key"):
+        bp.extend.diag_ggn_mc(net, params, x, y, None)
+
+
+@pytest.mark.parametrize(
+    "grad_fn, optimizer, match",
+    [
+        (3, None, "grad_fn: expected a function"),
+        (_quadratic, "adam", "optimizer: expected an optax gradient transformation.*got str"),
+    ],
+)
+def test_make_train_step_names_a_bad_argument(grad_fn, optimizer, match):
+    with pytest.raises(TypeError, match=match):
+        bp.make_train_step(grad_fn, optimizer)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"epochs": None}, ValueError, "epochs: expected a positive integer, got None"),
+        ({"batch_size": 1.5}, ValueError, r"batch_size: expected a positive integer, got 1\.5"),
+        ({"seed": "0"}, TypeError, "seed: expected an integer, got str"),
+        ({"optimizer": "adam"}, TypeError, "optimizer: expected an optax gradient"),
+        ({"train": None}, TypeError, r"train: expected a bpjax\.Dataset"),
+        ({"net": 3}, TypeError, "net: expected a bpjax network"),
+    ],
+    ids=["epochs", "batch_size", "seed", "optimizer", "train", "net"],
+)
+def test_fit_names_a_bad_argument(kwargs, error, match):
+    net = bp.MLP((2, 3, 2), ("tanh", "softmax"), "cross_entropy")
+    args = {
+        "net": net,
+        "params": net.init(jax.random.key(0)),
+        "train": bp.datasets.xor_dataset(),
+        "optimizer": bp.get_optimizer("sgd", 0.1),
+        "epochs": 1,
+        "batch_size": 4,
+    } | kwargs
+    with pytest.raises(error, match=match):
+        bp.fit(args.pop("net"), args.pop("params"), args.pop("train"), **args)
+
+
+def test_learning_rate_that_is_not_a_number():
+    with pytest.raises(TypeError, match="learning_rate: expected a positive number, got str"):
+        bp.get_optimizer("sgd", "0.1")

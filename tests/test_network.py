@@ -255,3 +255,181 @@ def test_outputs_with_positions_reject_mismatched_targets():
         net.loss(params, x, jnp.zeros((2, 4), jnp.int32))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, n_L\)"):
         net.loss(params, x, jnp.full((2, 5), 3))
+
+
+# -- loss/last-layer pairs: what every built-in layer's outputs can be --------------------------
+
+_SOFTMAX = Dense(3, "softmax")
+_L = bp.layers
+
+
+@pytest.mark.parametrize(
+    "layers, input_shape, culprit",
+    [
+        ((Dense(3), _L.LayerNorm()), (4,), "the last layer LayerNorm gives real"),
+        ((Dense(3, "tanh"),), (4,), "the output activation 'tanh' gives real"),
+        ((_SOFTMAX, _L.Dropout(0.5)), (4,), "the last layer Dropout gives real"),
+        ((_SOFTMAX, _L.Residual(Dense(3))), (4,), "the last layer Residual gives real"),
+        ((_L.Embedding(5, 3),), (2,), "the last layer Embedding gives real"),
+        ((_L.Conv2D(2, 1),), (2, 2, 1), "the output activation 'identity' gives real"),
+        (
+            (_L.Conv2D(2, 1, activation="softmax"), _L.MaxPool2D(2)),
+            (2, 2, 1),
+            "MaxPool2D gives unit",
+        ),
+        ((_L.Conv2D(2, 1), _L.AvgPool2D(2)), (2, 2, 1), "the last layer AvgPool2D gives real"),
+        ((_L.Elman(3), _L.LastStep()), (3, 2), "the last layer LastStep gives real"),
+        ((_L.LSTM(3),), (3, 2), "the last layer LSTM gives real"),
+        ((_L.Conv2D(2, 1, activation="softmax"), _L.Flatten()), (1, 2, 1), "Flatten gives unit"),
+        ((bp.serial(Dense(3, "tanh")),), (4,), "the output activation 'tanh' gives real"),
+    ],
+    ids=[
+        "LayerNorm",
+        "Dense-tanh",
+        "Dropout",
+        "Residual",
+        "Embedding",
+        "Conv2D",
+        "MaxPool2D",
+        "AvgPool2D",
+        "LastStep",
+        "LSTM",
+        "Flatten",
+        "Sequential",
+    ],
+)
+def test_cross_entropy_refuses_every_last_layer_without_probabilities(layers, input_shape, culprit):
+    with pytest.raises(ValueError) as info:
+        bp.serial(*layers, loss="cross_entropy", input_shape=input_shape)
+    message = str(info.value)
+    assert message.startswith(
+        "layers[-1]: the loss 'cross_entropy' is defined on outputs that are simplex"
+    )
+    assert culprit in message and "softmax" in message
+
+
+@pytest.mark.parametrize(
+    "layers, input_shape, loss",
+    [
+        ((_L.Conv2D(2, 1, activation="softmax"), _L.AvgPool2D(2)), (2, 2, 1), "cross_entropy"),
+        (
+            (_L.Conv2D(2, 1, activation="softmax"), _L.MaxPool2D(2)),
+            (2, 2, 1),
+            "binary_cross_entropy",
+        ),
+        ((_L.Elman(3, "softmax"), _L.LastStep()), (3, 2), "cross_entropy"),
+        ((Dense(3, "sigmoid"), _L.Dropout(0.0)), (4,), "binary_cross_entropy"),
+        ((bp.serial(Dense(3, "softmax")),), (4,), "cross_entropy"),
+        ((Dense(3), _L.LayerNorm()), (4,), "squared_error"),
+    ],
+)
+def test_outputs_that_keep_their_range_are_accepted(layers, input_shape, loss):
+    bp.serial(*layers, loss=loss, input_shape=input_shape)
+
+
+def test_a_users_layer_is_not_judged():
+    identity = _L.Layer(
+        init=lambda key, shape, dtype: ({}, shape),
+        forward=lambda params, x: (x, None),
+        backward=lambda params, cache, dy: ({}, dy),
+    )
+    bp.serial(Dense(3), identity, loss="cross_entropy", input_shape=(4,))
+
+
+# -- NumPy sizes, keys, dtypes, caches -------------------------------------------------------
+
+
+def test_numpy_integers_are_sizes():
+    n = np.int64
+    net = bp.serial(
+        _L.Conv2D(n(2), np.array([1, 1]), strides=n(1)), _L.Flatten(), Dense(n(3), "softmax"),
+        loss="cross_entropy", input_shape=np.array([2, 2, 1]),
+    )  # fmt: skip
+    assert net.input_shape == (2, 2, 1) and type(net.layers[2].n_out) is int
+    assert [type(v) for v in (_L.Embedding(n(5), n(3)).vocab_size, _L.LSTM(n(2)).hidden)] == [
+        int,
+        int,
+    ]
+    assert repr(net) == repr(
+        bp.serial(
+            _L.Conv2D(2, 1),
+            _L.Flatten(),
+            Dense(3, "softmax"),
+            loss="cross_entropy",
+            input_shape=(2, 2, 1),
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    "make_key, match",
+    [
+        (lambda: None, r"key: expected a PRNG key from jax\.random\.key\(seed\).*got None\."),
+        (lambda: 0, r"key: expected a PRNG key .*got int: 0\."),
+        (lambda: jnp.ones(2), r"key: .*got an array of shape \(2,\) and dtype float32\."),
+        (
+            lambda: jax.random.split(jax.random.key(0)),
+            r"key: .*shape \(2,\) and dtype key<fry> .*pass one",
+        ),
+    ],
+    ids=["None", "int", "float-array", "batch-of-keys"],
+)
+def test_init_and_forward_name_a_bad_key(make_key, match, maybe_jit):
+    key = make_key()  # built in the test: collection reads parameters as dtypes
+    net = bp.serial(Dense(3), _L.Dropout(0.5), Dense(2), loss="squared_error", input_shape=(4,))
+    with pytest.raises(TypeError, match=match):
+        net.init(key)
+    if key is None:
+        return  # None is the forward's evaluation mode
+    params = net.init(jax.random.key(0))
+    with pytest.raises(TypeError, match="key: expected a PRNG key"):
+        maybe_jit(lambda p, x: net.loss(p, x, jnp.ones((2, 2)), key=key))(params, jnp.ones((2, 4)))
+
+
+@pytest.mark.parametrize("dtype", ["bogus", None, jnp.int32, jnp.complex64, bool])
+def test_init_names_a_bad_dtype(dtype):
+    net = bp.serial(Dense(2), loss="squared_error", input_shape=(3,))
+    with pytest.raises(TypeError, match=r"dtype: expected a floating dtype \(float16, bfloat16"):
+        net.init(jax.random.key(0), dtype)
+
+
+@pytest.mark.parametrize("cache", [None, (1, 2), "forward"])
+def test_backward_names_a_bad_cache(cache, maybe_jit):
+    net = bp.serial(Dense(3, "tanh"), Dense(2), loss="squared_error", input_shape=(4,))
+    params = net.init(jax.random.key(0))
+    y = jnp.ones((2, 2))
+    if cache == "forward":  # another network's cache: one layer too few
+        other = bp.serial(Dense(2), loss="squared_error", input_shape=(4,))
+        cache = other.forward(other.init(jax.random.key(0)), jnp.ones((2, 4)))[1]
+        error, match = ValueError, r"cache.layers: expected 2 layer caches \(one per layer\), got 1"
+    else:
+        error, match = TypeError, r"cache: expected the Cache from net.forward\(params, x\)"
+    with pytest.raises(error, match=match):
+        maybe_jit(net.backward)(params, cache, y)
+
+
+_NETS = {
+    "Dense": (lambda: (Dense(2, "softmax"),), (3,), jnp.float32),
+    "Conv2D": (lambda: (_L.Conv2D(2, 1), _L.Flatten(), _SOFTMAX), (2, 2, 1), jnp.float32),
+    "MaxPool2D": (lambda: (_L.MaxPool2D(2), _L.Flatten(), _SOFTMAX), (2, 2, 1), jnp.float32),
+    "AvgPool2D": (lambda: (_L.AvgPool2D(2), _L.Flatten(), _SOFTMAX), (2, 2, 1), jnp.float32),
+    "LayerNorm": (lambda: (_L.LayerNorm(), _SOFTMAX), (3,), jnp.float32),
+    "Residual": (lambda: (_L.Residual(Dense(3)), _SOFTMAX), (3,), jnp.float32),
+    "Embedding": (lambda: (_L.Embedding(4, 2), _L.Flatten(), _SOFTMAX), (2,), jnp.int32),
+    "Dropout": (lambda: (_L.Dropout(0.5), _SOFTMAX), (3,), jnp.float32),
+    "Elman": (lambda: (_L.Elman(2), _L.LastStep(), _SOFTMAX), (2, 2), jnp.float32),
+    "LSTM": (lambda: (_L.LSTM(2), _L.LastStep(), _SOFTMAX), (2, 2), jnp.float32),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_NETS))
+def test_every_layer_type_names_an_empty_batch_and_integer_params(kind, maybe_jit):
+    layers, shape, x_dtype = _NETS[kind]
+    net = bp.serial(*layers(), loss="cross_entropy", input_shape=shape)
+    params = net.init(jax.random.key(0))
+    y = jnp.zeros((0,), jnp.int32)
+    with pytest.raises(ValueError, match=r"x: the batch is empty \(shape \(0,"):
+        maybe_jit(net.value_and_grad)(params, jnp.zeros((0, *shape), x_dtype), y)
+    ints = jax.tree.map(lambda leaf: leaf.astype(jnp.int32), params)
+    with pytest.raises(ValueError, match=r"params\[\d+\]\S*: expected a floating dtype, got int32"):
+        maybe_jit(net.loss)(ints, jnp.ones((2, *shape), x_dtype), jnp.zeros(2, jnp.int32))

@@ -44,7 +44,7 @@ import numpy as np
 
 from bpjax._cache import jit_wrapper, memoized
 from bpjax._trees import cast_floats, is_float
-from bpjax._types import Array, ArrayTree
+from bpjax._types import Array, ArrayTree, is_int, is_real
 from bpjax.check.report import CheckRow, GradCheckReport, GradientMismatchError
 from bpjax.check.tolerance import (
     Tolerance,
@@ -151,14 +151,14 @@ def _explicit(rtol: Any, atol: Any, params: ArrayTree) -> list[Tolerance] | None
     def per_leaf(x: Any, name: str) -> list[float | None]:
         if x is None:
             return [None] * n
-        if isinstance(x, (int, float, np.floating)) and not isinstance(x, bool):
-            return [float(x)] * n
+        if is_real(x):
+            return [_tolerance(x, name)] * n
         if jax.tree.structure(x) != jax.tree.structure(params):  # type: ignore[operator]
             raise TypeError(
                 f"{name}: expected a float or a pytree of floats with the params' structure, "
                 f"got {type(x).__name__} ({first_difference(x, params)})."
             )
-        return [float(v) for v in jax.tree.leaves(x)]
+        return [_tolerance(v, name) for v in jax.tree.leaves(x)]
 
     return [
         explicit_tolerance(r, a)
@@ -166,10 +166,29 @@ def _explicit(rtol: Any, atol: Any, params: ArrayTree) -> list[Tolerance] | None
     ]
 
 
+def _tolerance(value: Any, name: str) -> float:
+    """A tolerance as a float: a finite number ``>= 0``, or a ``ValueError`` naming it."""
+    scalar = is_real(value) or (hasattr(value, "dtype") and np.ndim(value) == 0)
+    number = float(value) if scalar else math.nan
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}.")
+    return number
+
+
 def _check_params(params: ArrayTree) -> list[tuple[str, Any]]:
     leaves = [(jax.tree_util.keystr(p), leaf) for p, leaf in
               jax.tree_util.tree_flatten_with_path(params)[0]]  # fmt: skip
+    if not leaves or all(np.size(leaf) == 0 for _, leaf in leaves):
+        raise ValueError(
+            "params: expected a pytree of floating arrays to differentiate, got "
+            f"{'no leaves' if not leaves else 'only empty arrays'} (nothing to check)."
+        )
     for path, leaf in leaves:
+        if not (hasattr(leaf, "dtype") or is_real(leaf)):
+            raise TypeError(
+                f"params: leaf {path or '(the root)'} is a {type(leaf).__name__}; expected "
+                "floating arrays."
+            )
         if not is_float(leaf):
             raise TypeError(
                 f"params: leaf {path or '(the root)'} has dtype {jnp.result_type(leaf)}; every "
@@ -177,6 +196,20 @@ def _check_params(params: ArrayTree) -> list[tuple[str, Any]]:
                 "*args)."
             )
     return leaves
+
+
+def _check_reference(reference: Callable[..., Any], params: ArrayTree, args: Any) -> None:
+    """A ``TypeError`` naming ``reference`` unless it returns one floating value (shapes only)."""
+    out = jax.eval_shape(reference, params, *args)
+    if not (hasattr(out, "shape") and math.prod(out.shape) == 1 and is_float(out)):
+        got = (
+            f"an output of shape {tuple(out.shape)} and dtype {out.dtype}"
+            if hasattr(out, "shape")
+            else f"a {type(out).__name__}"
+        )
+        raise TypeError(
+            f"reference: expected reference(params, *args) to return the scalar loss, got {got}."
+        )
 
 
 def check_grads(
@@ -216,9 +249,11 @@ def check_grads(
       :func:`assert_grads_match` to raise.
 
     Raises:
-      ValueError: an unknown name in ``references`` or ``directions < 1``.
+      ValueError: an unknown name in ``references``, ``directions < 1``, a tolerance that is
+        not a finite number ``>= 0``, or params without a leaf (or only empty ones) to check.
       TypeError: ``manual``/``reference`` not callable, ``manual`` not returning
-        ``(value, grads)``, or a params leaf that is not floating.
+        ``(value, grads)``, ``reference`` not returning one floating value, a params leaf
+        that is not floating, or a ``seed`` that is not an integer.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -233,12 +268,15 @@ def check_grads(
         raise ValueError(
             f"references: unknown {unknown}; expected names from {', '.join(REFERENCES)}."
         )
-    if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
+    if not is_int(directions) or directions < 1:
         raise ValueError(f"directions: expected at least 1, got {directions!r}.")
+    if not is_int(seed):
+        raise TypeError(f"seed: expected an integer, got {type(seed).__name__}: {seed!r}.")
     for name, fn in (("manual", manual), ("reference", reference)):
         if not callable(fn):
             raise TypeError(f"{name}: expected a function, got {type(fn).__name__}.")
     named_leaves = _check_params(params)
+    _check_reference(reference, params, args)
     paths = [path or "params" for path, _ in named_leaves]  # a bare array is the root leaf
     p_leaves = [leaf for _, leaf in named_leaves]
     treedef = jax.tree.structure(params)

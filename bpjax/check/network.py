@@ -198,8 +198,9 @@ def check_network(
       MLP, whose report numbers its Dense layers as the maths does).
 
     Raises:
-      TypeError: ``net`` is not a network, an MLP is given a ``key``, or ``order=2`` for a
-        network with layers other than Dense.
+      TypeError: ``net`` is not a network, an MLP is given a ``key``, ``order=2`` for a
+        network with layers other than Dense, ``backward`` is not callable, or ``manual`` or
+        ``reference`` is given (this check builds both from ``net``).
       ValueError: ``order`` is not 1 or 2.
 
     Example:
@@ -213,6 +214,18 @@ def check_network(
       (True, ('Dense', 'Dense'))
     """
     _check_order(order)
+    for name in ("manual", "reference"):
+        if name in kwargs:
+            raise TypeError(
+                f"{name}: check_network builds the manual and reference functions from net; "
+                "pass backward=fn to check another backward(params, cache, y), or call "
+                "bpjax.check_grads for functions of your own."
+            )
+    if backward is not None and not callable(backward):
+        raise TypeError(
+            "backward: expected a function backward(params, cache, y) -> Backward, got "
+            f"{type(backward).__name__}."
+        )
     if not isinstance(net, Serial):
         raise TypeError(
             f"net: expected a bpjax network (bpjax.serial(...) or bpjax.MLP), got "

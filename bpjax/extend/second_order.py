@@ -20,7 +20,8 @@ from jax.flatten_util import ravel_pytree
 
 from bpjax import activations as _act
 from bpjax import losses as _losses
-from bpjax._types import Array, Grads, Params, PRNGKey
+from bpjax._types import Array, Grads, Params, PRNGKey, is_int
+from bpjax._validate import check_key
 from bpjax.extend.passes import (
     ForwardPass,
     check_like_params,
@@ -212,9 +213,11 @@ def diag_ggn_mc(
 
     Raises:
       ValueError: a non-canonical (output activation, loss) pair, or ``mc_samples < 1``.
+      TypeError: ``key`` not one PRNG key.
     """
-    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+    if not is_int(mc_samples) or mc_samples < 1:
         raise ValueError(f"mc_samples: expected a positive integer, got {mc_samples!r}.")
+    check_key(key)
     fwd = forward(net, params, x, y)
     factor = _sampled_factor(net, fwd.z, fwd.y, key, mc_samples)
     column_deltas = factor_deltas(net, params, fwd.cache, factor)

@@ -21,6 +21,7 @@ from bpjax.layers._init import (
     check_pair,
     checked_activation,
     out_spatial,
+    positive_int,
     resolve_pads,
     transposed_pads,
     truncated_normal_weight,
@@ -134,9 +135,7 @@ class Conv2D:
         activation: str | _act.Activation = "identity",
         precision: Any = None,
     ) -> None:
-        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
-            raise ValueError(f"features: expected a positive integer, got {features!r}.")
-        object.__setattr__(self, "features", features)
+        object.__setattr__(self, "features", positive_int(features, "features"))
         object.__setattr__(self, "kernel_size", check_pair("kernel_size", kernel_size))
         object.__setattr__(self, "strides", check_pair("strides", strides))
         object.__setattr__(self, "padding", check_padding(padding))

@@ -11,6 +11,7 @@ from bpjax import activations as _act
 from bpjax._types import Array, PRNGKey
 from bpjax.layers._init import (
     checked_activation,
+    positive_int,
     truncated_normal_weight,
     weight_grad,
 )
@@ -48,9 +49,7 @@ class Dense:
     activation: _act.Activation  # a name is resolved to its Activation by __init__
 
     def __init__(self, n_out: int, activation: str | _act.Activation = "identity") -> None:
-        if isinstance(n_out, bool) or not isinstance(n_out, int) or n_out < 1:
-            raise ValueError(f"n_out: expected a positive integer, got {n_out!r}.")
-        object.__setattr__(self, "n_out", n_out)
+        object.__setattr__(self, "n_out", positive_int(n_out, "n_out"))
         object.__setattr__(self, "activation", checked_activation(activation))
 
     def init(

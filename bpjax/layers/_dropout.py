@@ -9,7 +9,7 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bpjax._types import Array, PRNGKey
+from bpjax._types import Array, PRNGKey, is_real
 
 __all__ = ["Dropout", "DropoutCache"]
 
@@ -67,12 +67,7 @@ class Dropout:
 
     def __post_init__(self) -> None:
         rate = self.rate
-        if (
-            isinstance(rate, bool)
-            or not isinstance(rate, (int, float))
-            or not math.isfinite(rate)
-            or not 0 <= rate < 1
-        ):
+        if not is_real(rate) or not math.isfinite(rate) or not 0 <= rate < 1:
             raise ValueError(
                 f"rate: expected the probability of dropping an input, in [0, 1), got {rate!r}."
             )

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from bpjax._types import Array, PRNGKey
+from bpjax.layers._init import positive_int
 
 __all__ = ["Embedding", "EmbeddingCache"]
 
@@ -17,11 +18,6 @@ class EmbeddingCache(NamedTuple):
     """What :meth:`Embedding.forward` keeps for the backward pass."""
 
     x: Array  # (batch, ...) integer: the token indices looked up
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +68,8 @@ class Embedding:
     """The layer takes integer inputs (token indices); its backward returns ``dx = None``."""
 
     def __post_init__(self) -> None:
-        _positive_int("vocab_size", self.vocab_size)
-        _positive_int("features", self.features)
+        object.__setattr__(self, "vocab_size", positive_int(self.vocab_size, "vocab_size"))
+        object.__setattr__(self, "features", positive_int(self.features, "features"))
 
     def init(
         self, key: PRNGKey, in_shape: tuple[int, ...], dtype: Any = jnp.float32

@@ -6,6 +6,7 @@ The names here are public so that a layer author can reuse them; the module itse
 - initialisers: :data:`INIT_SCALING`, :func:`checked_activation`, :func:`truncated_normal_weight`,
   :func:`orthogonal_weight`;
 - the weight gradient ``∇W = δᵀ a``: :func:`weight_grad`;
+- sizes (Python or NumPy integers): :func:`positive_int`;
 - windows over NHWC images (convolution, pooling): :data:`Pads`, :data:`Padding`,
   :func:`check_pair`, :func:`check_padding`, :func:`resolve_pads`, :func:`out_spatial`,
   :func:`transposed_pads`.
@@ -18,10 +19,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bpjax import activations as _act
-from bpjax._types import Array, PRNGKey
+from bpjax._types import Array, PRNGKey, is_int
 
 __all__ = [
     "INIT_SCALING",
@@ -32,6 +34,7 @@ __all__ = [
     "checked_activation",
     "orthogonal_weight",
     "out_spatial",
+    "positive_int",
     "resolve_pads",
     "transposed_pads",
     "truncated_normal_weight",
@@ -135,8 +138,15 @@ Padding = str | Pads
 """A normalised ``padding`` argument: ``"SAME"``, ``"VALID"`` or explicit :data:`Pads`."""
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def positive_int(value: Any, name: str) -> int:
+    """``value`` as a Python ``int`` if it is an integer ``>= 1`` (NumPy integers included).
+
+    Raises:
+      ValueError: anything else; the message names the argument ``name``.
+    """
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}.")
+    return int(value)
 
 
 def check_pair(name: str, value: Any, *, minimum: int = 1) -> tuple[int, int]:
@@ -145,13 +155,15 @@ def check_pair(name: str, value: Any, *, minimum: int = 1) -> tuple[int, int]:
     Raises:
       ValueError: anything else; the message names the argument ``name``.
     """
-    if _is_int(value):
+    if isinstance(value, np.ndarray):  # sizes read from an array
+        value = value.tolist()
+    if is_int(value):
         value = (value, value)
     if (
         isinstance(value, Sequence)
         and not isinstance(value, str)
         and len(value) == 2
-        and all(_is_int(v) and v >= minimum for v in value)
+        and all(is_int(v) and v >= minimum for v in value)
     ):
         return int(value[0]), int(value[1])
     raise ValueError(
@@ -169,16 +181,18 @@ def check_padding(value: Any) -> Padding:
     Raises:
       ValueError: anything else.
     """
+    if isinstance(value, np.ndarray):  # pads read from an array
+        value = value.tolist()
     if isinstance(value, str):
         if value.upper() in ("SAME", "VALID"):
             return value.upper()
-    elif _is_int(value) and value >= 0:
-        return ((value, value), (value, value))
+    elif is_int(value) and value >= 0:
+        return ((int(value), int(value)), (int(value), int(value)))
     elif isinstance(value, Sequence) and len(value) == 2:
-        if all(_is_int(v) and v >= 0 for v in value):
-            return ((value[0], value[0]), (value[1], value[1]))
+        if all(is_int(v) and v >= 0 for v in value):
+            return ((int(value[0]), int(value[0])), (int(value[1]), int(value[1])))
         if all(
-            isinstance(v, Sequence) and len(v) == 2 and all(_is_int(p) and p >= 0 for p in v)
+            isinstance(v, Sequence) and len(v) == 2 and all(is_int(p) and p >= 0 for p in v)
             for v in value
         ):
             (t, b), (l, r) = value

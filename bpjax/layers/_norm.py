@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
-from bpjax._types import Array, PRNGKey
+from bpjax._types import Array, PRNGKey, is_real
 
 __all__ = ["LayerNorm", "LayerNormCache"]
 
@@ -75,12 +75,7 @@ class LayerNorm:
 
     def __post_init__(self) -> None:
         eps = self.eps
-        if (
-            isinstance(eps, bool)
-            or not isinstance(eps, (int, float))
-            or not math.isfinite(eps)
-            or eps <= 0
-        ):
+        if not is_real(eps) or not math.isfinite(eps) or eps <= 0:
             raise ValueError(
                 f"eps: expected a positive finite number added to the variance, got {eps!r}."
             )

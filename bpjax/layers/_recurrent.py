@@ -58,10 +58,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from bpjax import activations as _act
-from bpjax._types import Array, PRNGKey
+from bpjax._types import Array, PRNGKey, is_int
 from bpjax.layers._init import (
     checked_activation,
     orthogonal_weight,
+    positive_int,
     truncated_normal_weight,
     weight_grad,
 )
@@ -79,26 +80,18 @@ __all__ = [
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _check_positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}.")
-
-
-def _check_truncate(truncate: Any) -> None:
-    if truncate is not None and (
-        isinstance(truncate, bool) or not isinstance(truncate, (int, np.integer)) or truncate < 1
-    ):
+def _check_truncate(truncate: Any) -> int | None:
+    if truncate is not None and (not is_int(truncate) or truncate < 1):
         raise ValueError(
             f"truncate: expected None (full BPTT) or a positive number of steps, got {truncate!r}."
         )
+    return None if truncate is None else int(truncate)
 
 
 def _check_in_shape(layer: str, in_shape: tuple[int, ...]) -> tuple[int, int]:
     """``in_shape`` must be ``(T, n_in)``: one example is a sequence of feature vectors."""
     shape = tuple(in_shape)
-    if len(shape) != 2 or any(
-        isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in shape
-    ):
+    if len(shape) != 2 or any(not is_int(n) or n < 1 for n in shape):
         raise ValueError(
             f"in_shape: {layer} takes sequences of shape (batch, T, n_in), so in_shape must be "
             f"(T, n_in) with positive integers; got {in_shape!r}."
@@ -237,11 +230,9 @@ class Elman:
         *,
         truncate: int | None = None,
     ) -> None:
-        _check_positive_int(hidden, "hidden")
-        _check_truncate(truncate)
-        object.__setattr__(self, "hidden", int(hidden))
+        object.__setattr__(self, "hidden", positive_int(hidden, "hidden"))
         object.__setattr__(self, "activation", checked_activation(activation))
-        object.__setattr__(self, "truncate", truncate)
+        object.__setattr__(self, "truncate", _check_truncate(truncate))
 
     def init(
         self, key: PRNGKey, in_shape: tuple[int, ...], dtype: Any = jnp.float32
@@ -423,9 +414,8 @@ class LSTM:
     truncate: int | None = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        _check_positive_int(self.hidden, "hidden")
-        _check_truncate(self.truncate)
-        object.__setattr__(self, "hidden", int(self.hidden))
+        object.__setattr__(self, "hidden", positive_int(self.hidden, "hidden"))
+        object.__setattr__(self, "truncate", _check_truncate(self.truncate))
 
     def init(
         self, key: PRNGKey, in_shape: tuple[int, ...], dtype: Any = jnp.float32

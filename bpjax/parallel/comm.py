@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from bpjax._types import is_int
+from bpjax._validate import param_dtype
 from bpjax.parallel.tensor import check_dense_net, sharded_layers
 
 __all__ = ["Collective", "CommVolume", "communication_volume", "compiled_collectives", "ring_bytes"]
@@ -80,6 +83,10 @@ def communication_volume(
     Returns:
       A :class:`CommVolume`.
 
+    Raises:
+      ValueError: ``batch`` or an axis size not a positive integer, or an axis not in the mesh.
+      TypeError: ``net`` not a network of Dense layers, or ``dtype`` not a floating dtype.
+
     Example:
       >>> import bpjax as bp
       >>> net = bp.MLP((8, 16, 4), ("tanh", "softmax"), "cross_entropy")
@@ -88,14 +95,16 @@ def communication_volume(
       1278.0
     """
     layers = check_dense_net(net)
-    shape = dict(mesh_shape.shape) if isinstance(mesh_shape, Mesh) else dict(mesh_shape)
+    if not is_int(batch) or batch < 1:
+        raise ValueError(f"batch: expected the global batch, a positive integer, got {batch!r}.")
+    shape = _mesh_sizes(mesh_shape)
     for name in (data_axis, model_axis):
         if name is not None and name not in shape:
             raise ValueError(f"mesh_shape: has no axis {name!r}; its axes are {tuple(shape)}.")
     d = 1 if data_axis is None else shape[data_axis]
     m = 1 if model_axis is None else shape[model_axis]
-    itemsize = jnp.dtype(dtype).itemsize
-    rows = -(-batch // d)
+    itemsize = param_dtype(dtype).itemsize
+    rows = -(-int(batch) // d)
     sizes = [net.input_shape[0]] + [layer.n_out for layer in layers]
     sharded = sharded_layers(net, m)
     out: list[Collective] = []
@@ -124,6 +133,21 @@ def communication_volume(
     add("all-reduce", data_axis, "loss", 1, d)
     per_device_bytes = float(sum(c.bytes_per_device for c in out))
     return CommVolume(tuple(out), per_device_bytes, per_device_bytes * d * m)
+
+
+def _mesh_sizes(mesh_shape: Any) -> dict[str, int]:
+    """``{axis: size}`` of a mesh or of a dict of positive integer sizes."""
+    if isinstance(mesh_shape, Mesh):
+        return dict(mesh_shape.shape)
+    if not isinstance(mesh_shape, Mapping):
+        raise TypeError(
+            "mesh_shape: expected a jax.sharding.Mesh or a dict {axis: size}, got "
+            f"{type(mesh_shape).__name__}."
+        )
+    bad = {k: v for k, v in mesh_shape.items() if not is_int(v) or v < 1}
+    if bad:
+        raise ValueError(f"mesh_shape: expected positive integer axis sizes, got {bad}.")
+    return {k: int(v) for k, v in mesh_shape.items()}
 
 
 _HLO_COLLECTIVE = re.compile(

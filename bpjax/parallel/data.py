@@ -23,7 +23,7 @@ from bpjax.extend.passes import check_net, example_deltas, forward
 from bpjax.extend.second_order import KFACFactors, curvature_deltas, signed_square_sum
 from bpjax.network import Serial
 from bpjax.parallel.mesh import (
-    check_batch,
+    check_global_batch,
     check_mesh_axis,
     checking_labels,
     pad,
@@ -98,8 +98,9 @@ def data_parallel(
 
     Raises:
       TypeError: ``net`` or ``mesh`` of the wrong type.
-      ValueError: ``axis`` not an axis of ``mesh``; at trace time an empty batch, or ``y``
-        whose batch differs from ``x``'s.
+      ValueError: ``axis`` not an axis of ``mesh``; at trace time an empty batch, ``y``
+        whose batch differs from ``x``'s, or what ``net.loss`` refuses (params, ``x``, ``y``),
+        named with the whole batch's shapes.
 
     Example:
       >>> import jax, jax.numpy as jnp, bpjax as bp
@@ -123,9 +124,9 @@ def data_parallel(
     )
 
     def step(params: Any, x: Array, y: Array) -> tuple[Array, Any]:
-        batch = check_batch(x, y)
+        batch, x = check_global_batch(net, params, x, y)
         dtype = param_dtype(params)
-        xp, yp, mask = pad(jnp.asarray(x), jnp.asarray(y), shards, dtype)
+        xp, yp, mask = pad(x, jnp.asarray(y), shards, dtype)
         w = mask / jnp.asarray(batch, dtype)
         params = place(params, mesh, P())
         xp, yp, w = place((xp, yp, w), mesh, P(axis))
@@ -220,9 +221,9 @@ def data_parallel_extend(
     out_spec = P(axis) if per_example else P()
 
     def run(params: Params, x: Array, y: Array) -> Any:
-        batch = check_batch(x, y)
+        batch, x = check_global_batch(net, params, x, y)
         dtype = param_dtype(params)
-        xp, yp, mask = pad(jnp.asarray(x), jnp.asarray(y), shards, dtype)
+        xp, yp, mask = pad(x, jnp.asarray(y), shards, dtype)
 
         def local(params: Params, x: Array, y: Array, mask: Array) -> Any:
             return _local_quantity(net, quantity, batch, params, x, y, mask, axis)

@@ -1,8 +1,8 @@
 """Meshes and hosts, and what every sharded step shares: checks, placement and padding.
 
 :func:`device_mesh` builds the ``("data",)`` or ``("data", "model")`` mesh, :func:`initialize`
-joins a multi-host job; :func:`check_mesh_axis`, :func:`check_batch`, :func:`param_dtype`,
-:func:`place` and :func:`pad` are the steps of :mod:`bpjax.parallel.data` and
+joins a multi-host job; :func:`check_mesh_axis`, :func:`check_batch`, :func:`check_global_batch`,
+:func:`param_dtype`, :func:`place` and :func:`pad` are the steps of :mod:`bpjax.parallel.data` and
 :mod:`bpjax.parallel.tensor` before their ``shard_map``.
 """
 
@@ -23,6 +23,7 @@ from bpjax._types import Array
 
 __all__ = [
     "check_batch",
+    "check_global_batch",
     "check_mesh_axis",
     "checking_labels",
     "device_mesh",
@@ -194,6 +195,18 @@ def checking_labels(net: Any, jitted: Any) -> Callable[..., Any]:
     for name in ("lower", "trace", "eval_shape"):
         setattr(call, name, getattr(jitted, name))
     return call
+
+
+def check_global_batch(net: Any, params: Any, x: Array, y: Array) -> tuple[int, Array]:
+    """``(B, x)`` after the network's own checks of ``params``, ``x`` and ``y`` on the whole
+    batch, so that a bad input is named with the user's shapes, not one shard's.
+
+    ``x`` comes back as ``net.check_inputs`` returns it (cast to the params' dtype).
+    """
+    batch = check_batch(x, y)
+    x = net.check_inputs(params, x)
+    net.check_targets(y, jnp.zeros((batch, *net.output_shape), param_dtype(params)))
+    return batch, x
 
 
 def param_dtype(params: Any) -> Any:

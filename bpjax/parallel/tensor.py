@@ -21,7 +21,7 @@ from bpjax.extend.passes import check_net
 from bpjax.layers import Dense
 from bpjax.network import Serial
 from bpjax.parallel.mesh import (
-    check_batch,
+    check_global_batch,
     check_mesh_axis,
     checking_labels,
     pad,
@@ -219,8 +219,7 @@ def data_tensor_parallel(
     )
 
     def step(params: Params, x: Array, y: Array) -> tuple[Array, Grads]:
-        batch = check_batch(x, y)
-        x = net.check_inputs(params, x)  # params against the spec, x's width and dtype
+        batch, x = check_global_batch(net, params, x, y)
         dtype = param_dtype(params)
         xp, yp, mask = pad(x, jnp.asarray(y), shards, dtype)
         w = mask / jnp.asarray(batch, dtype)
