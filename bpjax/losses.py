@@ -24,7 +24,7 @@ the gradient exact for any non-negative target vector.) :func:`fused_output` fin
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -153,7 +153,7 @@ def one_hot_labels(labels: Array, n: int, dtype: jnp.dtype) -> Array:
     return jnp.where(poisoned, jnp.full((), jnp.nan, dtype), rows)
 
 
-def check_labels(labels: Array, n: int, *, argname: str = "y", loss: str = "cross_entropy") -> None:
+def check_labels(labels: Any, n: int, *, argname: str = "y", loss: str = "cross_entropy") -> None:
     """Checks concrete integer class labels lie in ``[0, n)``; traced labels pass through.
 
     Traced labels cannot be checked at trace time: every computation on them is poisoned instead

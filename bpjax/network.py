@@ -392,6 +392,8 @@ class Serial:
         Raises:
           ValueError, TypeError: targets of the wrong shape or dtype for the loss, naming ``y``.
         """
+        # the labels as given: jnp.asarray would first wrap an int64 2**32 + 1 to int32 1
+        self.check_labels(y)
         targets = self.objective.targets
         if out.ndim < 2:
             raise ValueError(

@@ -597,3 +597,8 @@ def check_data(net: Serial, data: Dataset, name: str) -> None:
             f"{name}: the network has n_L = {n_out} outputs but the data have "
             f"{data.num_outputs} {what}."
         )
+    # the labels themselves, not only the class count a Dataset claims: fit's jitted steps see
+    # them traced, where an out-of-range one is NaN rather than an error
+    labels = np.asarray(data.y)
+    if labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer):
+        check_labels(labels, n_out, argname=f"{name}.y", loss=net.objective.name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -522,3 +523,30 @@ def test_a_report_says_when_parts_were_not_judged(x64):
     assert "not judged" in report.summary()
     (row,) = [r for r in report.rows if r.path == "['w']"]
     assert row.note.startswith("1 of 3 elements (first (0,)) where the reference is undefined")
+
+
+def test_a_reference_undefined_everywhere_fails_instead_of_judging_nothing():
+    """Class labels out of range under jit make the reference NaN at every element (by design):
+    with nothing judged, "ok" would pass a gradient wrong by a factor 2."""
+    net = bp.MLP((3, 4, 3), ("tanh", "softmax"), "cross_entropy")
+    params = net.init(jax.random.key(0))
+    x, bad = jax.random.normal(jax.random.key(1), (5, 3)), jnp.array([0, 1, 3, 2, 0])
+
+    def wrong(p, x, y):
+        loss, g = net.value_and_grad(p, x, y)
+        return loss, jax.tree.map(lambda a: 2 * a, g)
+
+    for manual in (wrong, net.value_and_grad):
+        report = bp.check_grads(manual, net.loss, params, x, bad)
+        assert not report.ok
+        assert "nothing was judged" in str(report)
+    with pytest.raises(bp.GradientMismatchError):
+        bp.assert_grads_match(wrong, net.loss, params, x, bad)
+
+
+def test_references_must_name_at_least_one_reference(x64):
+    p, x = _params()
+    with pytest.raises(ValueError, match=r"references: expected at least one of jax\.grad"):
+        bp.check_grads(right, f, p, x, references=())
+    with pytest.raises(TypeError, match=re.escape("write ('jax.grad',)")):
+        bp.check_grads(right, f, p, x, references="jax.grad")

@@ -494,3 +494,38 @@ def test_parallel_checks_concrete_labels_and_poisons_traced_ones(kind):
         step(params, x, y)
     assert _all_nan(jax.jit(step)(params, x, y))
     assert step.lower(params, x, jnp.zeros(5, jnp.int32)).compile() is not None  # still jit's
+
+
+def test_int64_labels_are_judged_before_any_cast():
+    """With x64 off, jnp.asarray wraps an int64 2**32 + 1 to the valid int32 label 1."""
+    net = bp.MLP((3, 4, 3), ("tanh", "softmax"), "cross_entropy")
+    params, x = net.init(jax.random.key(0)), jnp.ones((2, 3))
+    bad = np.array([0, 2**32 + 1], np.int64)
+    for run in (net.loss, net.value_and_grad, net.per_example_loss):
+        with pytest.raises(ValueError, match=re.escape("y.ravel()[1] = 4294967297")):
+            run(params, x, bad)
+
+
+def test_fit_and_the_checkers_judge_concrete_labels_before_they_jit():
+    """fit and the harness jit inside: traced bad labels would be NaN, which judges nothing."""
+    net = bp.MLP((2, 4, 3), ("tanh", "softmax"), "cross_entropy")
+    params = net.init(jax.random.key(0))
+    x = np.random.default_rng(0).normal(size=(8, 2)).astype(np.float32)
+    bad = np.array([0, 1, 2, 5, 0, 1, 2, 0], np.int32)
+    data = bp.Dataset(x, bad, 3, "bad")
+    with pytest.raises(ValueError, match=re.escape("train.y: cross_entropy labels must lie in")):
+        bp.fit(net, params, data, optimizer=bp.get_optimizer("sgd", 0.1), epochs=1, batch_size=4)
+    with pytest.raises(ValueError, match=re.escape("test.y: cross_entropy labels must lie in")):
+        ok = bp.Dataset(x, bad % 3, 3, "ok")
+        bp.fit(
+            net,
+            params,
+            ok,
+            test=data,
+            optimizer=bp.get_optimizer("sgd", 0.1),
+            epochs=1,
+            batch_size=4,
+        )
+    for check in (bp.check_network, bp.check_mlp, bp.extend.check_curvature):
+        with pytest.raises(ValueError, match=re.escape("y.ravel()[3] = 5")):
+            check(net, params, jnp.asarray(x), jnp.asarray(bad))

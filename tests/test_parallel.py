@@ -11,7 +11,6 @@ checks run here, on one device.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -25,12 +24,12 @@ import pytest
 import bpjax as bp
 from bpjax import parallel
 from bpjax.layers import Dense, Flatten
+from tests._subprocess_env import subprocess_env
 
 # under pytest-xdist, `--dist loadgroup` keeps these on one worker: the subprocesses start once
 pytestmark = pytest.mark.xdist_group("parallel")
 
 TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
 TIMEOUT = 600  # seconds; the checks take ~20 s of CPU, a loaded machine stretches that
 
 # float64: a sharded sum reorders additions, nothing more; float32: the per-dtype default
@@ -43,30 +42,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _env(device_count: int | None = None, **extra: str) -> dict[str, str]:
-    """The workers' environment: this process's minus JAX's settings and any device count.
-
-    The arithmetic flags in ``XLA_FLAGS`` (``--xla_cpu_max_isa=…``) are kept, so a run under a
-    restricted instruction set checks the sharded paths under it too.
-    """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    if device_count is not None:
-        flags.append(f"--xla_force_host_platform_device_count={device_count}")
-    if flags:
-        env["XLA_FLAGS"] = " ".join(flags)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
-
-
 @pytest.fixture(scope="module")
 def launched() -> Any:
     """The 8-device worker and the two multi-host processes, started at once."""
     worker = subprocess.Popen(
         [sys.executable, str(TESTS / "_parallel_worker.py")],
-        env=_env(device_count=8),
+        env=subprocess_env(8, isolate=True),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -75,7 +56,8 @@ def launched() -> Any:
     hosts = [
         subprocess.Popen(
             [sys.executable, str(TESTS / "_multihost_worker.py")],
-            env=_env(
+            env=subprocess_env(
+                isolate=True,
                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                 JAX_NUM_PROCESSES="2",
                 JAX_PROCESS_ID=str(i),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from bpjax.train import (
     loss_targets,
     make_train_step,
 )
+from tests._subprocess_env import subprocess_env
 
 # One float32 step at the same params (no trajectory): the manual and autodiff losses and
 # gradients are the same sums in other orders, a few roundings of 4- and 5-term sums apart, held
@@ -351,17 +351,13 @@ def test_devices_trains_data_parallel_like_one_device(tmp_path, capsys, monkeypa
     # A fresh process, so `--devices 4` can still make 4 CPU devices; both gradients run there.
     # Both sides in float64 (see HISTORY_RTOL): 25 Adam steps in float32 part by rounding alone.
     _float64_fit(monkeypatch)
-    # The child keeps this process's XLA_FLAGS but any device count (the command sets its own):
-    # both processes must draw the same float32 initial params, and jax.random's float32
-    # arithmetic depends on the instruction set XLA targets (--xla_cpu_max_isa).
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env |= {"XLA_FLAGS": " ".join(flags)} if flags else {}
+    # The child keeps this process's XLA_FLAGS (and JAX settings) but any device count (the
+    # command sets its own): both processes must draw the same float32 initial params.
     done = subprocess.run(
         [sys.executable, "-c", _DATA_PARALLEL_RUNS, str(tmp_path / "parallel")],
         capture_output=True,
         text=True,
-        env=env,
+        env=subprocess_env(),
         timeout=300,
         check=False,
     )

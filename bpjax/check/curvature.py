@@ -117,6 +117,7 @@ def check_curvature(
             f"quantities: unknown {unknown}; expected names from {', '.join(CURVATURE_REFERENCES)}."
         )
     check_net(net)
+    net.check_labels(y)  # concrete labels, before the jitted quantities trace them
     which = tuple(q for q in CURVATURE_REFERENCES if q in quantities)
     leaves = jax.tree.leaves(params)
     dtype = least_precise(leaves)

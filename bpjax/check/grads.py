@@ -249,11 +249,11 @@ def check_grads(
       :func:`assert_grads_match` to raise.
 
     Raises:
-      ValueError: an unknown name in ``references``, ``directions < 1``, a tolerance that is
-        not a finite number ``>= 0``, or params without a leaf (or only empty ones) to check.
-      TypeError: ``manual``/``reference`` not callable, ``manual`` not returning
-        ``(value, grads)``, ``reference`` not returning one floating value, a params leaf
-        that is not floating, or a ``seed`` that is not an integer.
+      ValueError: an unknown name in ``references`` or none, ``directions < 1``, a tolerance
+        that is not a finite number ``>= 0``, or params without a leaf (or only empty ones).
+      TypeError: ``references`` a string, ``manual``/``reference`` not callable, ``manual``
+        not returning ``(value, grads)``, ``reference`` not returning one floating value, a
+        params leaf that is not floating, or a ``seed`` that is not an integer.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -263,10 +263,20 @@ def check_grads(
       >>> report.ok
       True
     """
+    if isinstance(references, str):
+        raise TypeError(
+            f"references: expected a sequence of names, got the string {references!r}; "
+            f"write ({references!r},)."
+        )
     unknown = sorted(set(references) - set(REFERENCES))
-    if isinstance(references, str) or unknown:
+    if unknown:
         raise ValueError(
             f"references: unknown {unknown}; expected names from {', '.join(REFERENCES)}."
+        )
+    if not references:  # the value row alone would pass any gradient
+        raise ValueError(
+            f"references: expected at least one of {', '.join(REFERENCES)}, got none: "
+            "without one no gradient is checked."
         )
     if not is_int(directions) or directions < 1:
         raise ValueError(f"directions: expected at least 1, got {directions!r}.")
@@ -317,9 +327,9 @@ def check_grads(
         return report(rows)
     m_leaves = jax.tree.leaves(grads)
 
-    keys = jax.random.split(jax.random.key(seed), len(p_leaves))
     tangents = [
-        _unit_directions(k, leaf, directions) for k, leaf in zip(keys, p_leaves, strict=True)
+        _unit_directions(np.random.default_rng([seed, i]), leaf, directions)
+        for i, leaf in enumerate(p_leaves)
     ]
     want_lines = "finite_diff" in references or "taylor" in references
     with jax.enable_x64(True):
@@ -358,7 +368,28 @@ def check_grads(
                 rows.append(compare_directions(path, "jvp", dd, jvp, tols[i], norms[i]))
             elif lines is not None:
                 rows.append(_line_row(name, path, i, lines, dd, tols[i], norms[i]))
-    return report(_in_reference_order(rows, references))
+    return report(_nothing_judged(_in_reference_order(rows, references), truth, paths))
+
+
+def _nothing_judged(
+    rows: list[CheckRow], truth: list[np.ndarray], paths: list[str]
+) -> list[CheckRow]:
+    """``rows``, plus a failing one when the reference gradient is undefined everywhere.
+
+    Undefined reference elements are not judged (tolerance.py); where that is every element of
+    every leaf, no row judged anything and "ok" would be a verdict on nothing: a wrong manual
+    gradient would pass. That happens when the inputs are outside the reference's domain, e.g.
+    class labels out of range under jit (the loss is NaN by design, bpjax.losses.label_poison).
+    """
+    sizes = [t.size for t in truth]
+    if not sum(sizes) or any(np.isfinite(t).any() for t in truth):
+        return rows
+    note = (
+        "the reference gradient is NaN/Inf at every element of every leaf: nothing was judged. "
+        "The inputs are outside the reference's domain (class labels out of range? NaN inputs?)"
+    )
+    return [*rows, CheckRow("grads", "reference", math.nan, math.nan, None, False,
+                            note=note)]  # fmt: skip
 
 
 def _in_reference_order(rows: list[CheckRow], references: Sequence[str]) -> list[CheckRow]:
@@ -404,9 +435,13 @@ def _shadow_fn(
     return refs
 
 
-def _unit_directions(key: Array, leaf: Array, count: int) -> np.ndarray:
-    """``count`` random directions of the leaf's shape, each of unit Euclidean norm (float64)."""
-    v = np.asarray(jax.random.normal(key, (count, *jnp.shape(leaf)), jnp.float32), np.float64)
+def _unit_directions(rng: np.random.Generator, leaf: Array, count: int) -> np.ndarray:
+    """``count`` random directions of the leaf's shape, each of unit Euclidean norm (float64).
+
+    Drawn with NumPy on the host: the same directions on every machine, and no compilation
+    (eager ``jax.random`` compiles a sampler per leaf shape, ~0.3 s each).
+    """
+    v = rng.standard_normal((count, *jnp.shape(leaf)))
     norms = np.sqrt(np.sum(v.reshape(count, -1) ** 2, axis=1))
     return v / norms.reshape((count,) + (1,) * (v.ndim - 1))
 

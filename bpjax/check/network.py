@@ -235,6 +235,8 @@ def check_network(
         raise TypeError("key: order=2 checks networks of Dense layers, which draw no randomness.")
     if key is not None and isinstance(net, MLP):
         raise TypeError("key: an MLP draws no randomness; call check_network without key.")
+    # while concrete: the checks below jit, and traced bad labels are NaN, which judges nothing
+    net.check_labels(y)
     # first, so that a network order 2 does not cover fails before the first-order work
     second_order = _second_order_rows(order, net, params, x, y, kwargs)
     backward = net.backward if backward is None else backward
@@ -301,6 +303,7 @@ def _reference_errors(net: Any, params: ArrayTree, x: Array, y: Array, key: Any)
     """
     layers, n = net.layers, len(net.layers)
     keys = split_key(key, n)
+    net.check_labels(y)  # concrete labels, before the checks trace them (then they are NaN)
     x = net.check_inputs(params, x)
     h, ins, outs, layer_caches = x, [], [], []
     for layer, layer_params, layer_key in zip(layers, params, keys, strict=True):
