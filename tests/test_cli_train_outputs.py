@@ -155,6 +155,32 @@ def test_a_directory_that_takes_no_file_fails_before_training(
     assert "Traceback" not in err
 
 
+def test_a_name_too_long_for_the_file_system_fails_in_one_line(tmp_path, capsys, no_training):
+    out = str(tmp_path / ("a" * 300))  # one component beyond NAME_MAX (255): ENAMETOOLONG
+    code, stdout, err = _run([*XOR, "--out", out], capsys)
+    assert code == EXIT_USAGE and stdout == ""
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"bpjax train: error: argument --out: cannot create {out!r} (File name too long); "
+        "expected a writable directory"
+    )
+
+
+def test_any_os_error_while_checking_out_fails_in_one_line(
+    tmp_path, capsys, no_training, monkeypatch
+):
+    def broken(self, *args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(train_outputs.pathlib.Path, "exists", broken)
+    code, _, err = _run([*XOR, "--out", str(tmp_path / "run")], capsys)
+    assert code == EXIT_USAGE and "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"bpjax train: error: argument --out: cannot create {str(tmp_path / 'run')!r} "
+        "(Input/output error); expected a writable directory"
+    )
+
+
 def test_a_result_name_taken_by_a_directory_fails_even_with_overwrite(
     tmp_path, capsys, no_training
 ):

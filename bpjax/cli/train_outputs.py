@@ -83,18 +83,18 @@ def prepare_out_dir(text: str, *, overwrite: bool) -> pathlib.Path:
         earlier results without ``overwrite`` (named).
     """
     out = pathlib.Path(text)
-    if out.exists() and not out.is_dir():
-        raise OptionError(
-            f"argument --out: {text!r} is a file; expected a directory for the results "
-            "(created if missing)"
-        )
     try:
+        if out.exists() and not out.is_dir():
+            raise OptionError(
+                f"argument --out: {text!r} is a file; expected a directory for the results "
+                "(created if missing)"
+            )
         out.mkdir(parents=True, exist_ok=True)
         # creating a file is the only sure test: permissions, a read-only mount, ACLs, quotas
         with tempfile.NamedTemporaryFile(dir=out, prefix=STAGING_PREFIX):
             pass
-    except OSError as error:
-        what = "create" if not out.is_dir() else "write in"
+    except OSError as error:  # any: a name too long, a loop of links, an I/O error, …
+        what = "write in" if os.path.isdir(out) else "create"
         raise OptionError(
             f"argument --out: cannot {what} {text!r} ({error.strerror or error}); expected a "
             "writable directory"
