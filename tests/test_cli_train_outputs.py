@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import signal
+import sys
 
 import jax
 import numpy as np
@@ -144,7 +145,7 @@ def test_a_directory_that_takes_no_file_fails_before_training(
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(train_outputs.tempfile, "NamedTemporaryFile", refuse)
+    monkeypatch.setattr(train_outputs.tempfile, "mkdtemp", refuse)
     code, _, err = _run([*XOR, "--out", str(tmp_path)], capsys)
     assert code == EXIT_USAGE
     lines = err.strip().splitlines()
@@ -179,6 +180,23 @@ def test_any_os_error_while_checking_out_fails_in_one_line(
         f"bpjax train: error: argument --out: cannot create {str(tmp_path / 'run')!r} "
         "(Input/output error); expected a writable directory"
     )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's PATH_MAX, 4096")
+def test_out_too_long_for_the_staging_paths_fails_before_training(tmp_path, capsys, no_training):
+    # DIR/.bpjax-train-XXXXXXXX fits in PATH_MAX, DIR/.bpjax-train-XXXXXXXX/manifest.json not:
+    # the save would fail after training, so the check must refuse it
+    out = str(tmp_path)
+    while len(out) < 3800:
+        out += "/" + "d" * 250
+    out += "/" + "e" * (4066 - len(out) - 1)
+    code, stdout, err = _run([*XOR, "--out", out], capsys)
+    assert code == EXIT_USAGE and stdout == ""
+    assert err.splitlines()[-1] == (
+        f"bpjax train: error: argument --out: cannot write in {out!r} (File name too long); "
+        "expected a writable directory"
+    )
+    assert os.listdir(out) == []
 
 
 def test_a_result_name_taken_by_a_directory_fails_even_with_overwrite(
