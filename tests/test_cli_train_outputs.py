@@ -199,6 +199,19 @@ def test_out_too_long_for_the_staging_paths_fails_before_training(tmp_path, caps
     assert os.listdir(out) == []
 
 
+def test_an_empty_out_is_refused_not_the_current_directory(
+    tmp_path, capsys, no_training, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = _run([*XOR, "--out", ""], capsys)
+    assert code == EXIT_USAGE and stdout == ""
+    assert err.splitlines()[-1] == (
+        "bpjax train: error: argument --out: '' is an empty path; expected a directory for the "
+        "results (created if missing)"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_result_name_taken_by_a_directory_fails_even_with_overwrite(
     tmp_path, capsys, no_training
 ):

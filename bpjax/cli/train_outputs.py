@@ -80,10 +80,15 @@ def prepare_out_dir(text: str, *, overwrite: bool) -> pathlib.Path:
     result names are free, or hold files of an earlier run and ``overwrite`` is set.
 
     Raises:
-      OptionError: ``argument --out: …``, one line: an existing file, a directory that cannot be
-        created or written in, a result name taken by a directory (nothing could replace it), or
-        earlier results without ``overwrite`` (named).
+      OptionError: ``argument --out: …``, one line: an empty path, an existing file, a directory
+        that cannot be created or written in (any :class:`OSError`), a result name taken by a
+        directory (nothing could replace it), or earlier results without ``overwrite`` (named).
     """
+    if not text:  # `--out "$DIR"` with DIR unset: pathlib reads "" as ".", the current directory
+        raise OptionError(
+            "argument --out: '' is an empty path; expected a directory for the results "
+            "(created if missing)"
+        )
     out = pathlib.Path(text)
     try:
         if out.exists() and not out.is_dir():
