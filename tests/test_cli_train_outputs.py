@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -356,6 +357,21 @@ def test_ctrl_c_before_training_is_one_line(capsys, monkeypatch):
     code, out, err = _run(XOR, capsys)
     assert code == EXIT_INTERRUPTED and out == ""
     assert err == "bpjax train: interrupted; nothing saved\n"
+
+
+def test_a_latin_1_stdout_gets_escapes_not_a_traceback(monkeypatch):
+    # a latin-1 or cp1252 terminal: no → or δ; the summary line and the help hold both
+    streams = {name: io.TextIOWrapper(io.BytesIO(), encoding="latin-1") for name in ("out", "err")}
+    monkeypatch.setattr(sys, "stdout", streams["out"])
+    monkeypatch.setattr(sys, "stderr", streams["err"])
+    assert main([*XOR[:-1], "1"]) == EXIT_OK
+    assert main(["check", "--help"]) == 0
+    for stream in streams.values():
+        stream.flush()
+    out = streams["out"].buffer.getvalue().decode("latin-1")
+    assert "MLP 2-8-2 tanh\\u2192softmax" in out  # the summary line
+    assert "layer's \\u03b4" in out  # bpjax check --help
+    assert streams["err"].buffer.getvalue() == b""
 
 
 def test_help_documents_the_exit_statuses_and_overwrite(capsys):

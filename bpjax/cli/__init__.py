@@ -16,6 +16,7 @@ matplotlib) happen inside the functions that need them.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from bpjax.cli.check import add_check_parser
@@ -53,6 +54,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _robust_output() -> None:
+    """Text that stdout's or stderr's encoding cannot hold (``→``, ``δ``, ``×`` on a latin-1 or
+    cp1252 terminal, or redirected to a file on Windows) is written as ``\\u2192`` escapes
+    instead of raising :class:`UnicodeEncodeError` mid-run."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a closed or detached stream: nothing to write to
+                pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``bpjax`` command line; returns the exit status.
 
@@ -63,7 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       0 when everything passed, 1 when a check failed (``check``) or the loss stopped being
       finite (``train``), 2 for bad arguments or a bad data file; ``train`` also 74 when its
       results could not be written and 130 when Ctrl-C stopped it (``bpjax.cli.train.EXIT_*``).
+      Characters that stdout's or stderr's encoding cannot hold are written as backslash escapes.
     """
+    _robust_output()
     parser = _parser()
     try:
         args = parser.parse_args(argv)
