@@ -20,7 +20,8 @@ digits     1797    64     10        scikit-learn's bundled 8×8 handwritten digi
 
 A ``.npz`` file (:func:`load_npz`) needs arrays ``x`` and ``y`` with one row per example.
 ``x`` is ``(n, n_0)`` (or ``(n, d_1, d_2, ...)``, flattened to ``(n, d_1 d_2 ...)``), real and
-finite. ``y`` decides the task:
+finite, also in float32 (the data are trained in float32: a float64 ``1e300`` would be ``inf``);
+so are float targets ``y``. ``y`` decides the task:
 
 - integer (or boolean) ``(n,)``: class labels ``0 … K−1``, ``K = max(y) + 1 ≥ 2``, with
   ``K ≤ MAX_CLASSES`` (10 000) and ``K ≤ CLASSES_PER_EXAMPLE · n`` (10 per example): a network
@@ -239,8 +240,9 @@ def load_npz(path: str | os.PathLike[str]) -> Dataset:
     Raises:
       ValueError: the file is missing, unreadable or not an ``.npz`` archive; ``x`` or ``y`` is
         absent, not numeric, of the wrong rank, with a different number of rows, empty, or not
-        finite; labels that are negative, of fewer than two classes, or of more than
-        :data:`MAX_CLASSES` or ``CLASSES_PER_EXAMPLE · n`` classes. Each message is one line.
+        finite (also once cast to float32); labels that are negative, of fewer than two classes,
+        or of more than :data:`MAX_CLASSES` or ``CLASSES_PER_EXAMPLE · n`` classes. Each message
+        is one line.
     """
     file = pathlib.Path(path)
     where = f"{str(path)!r}"
@@ -290,18 +292,33 @@ def _from_arrays(x: np.ndarray, y: np.ndarray, *, name: str) -> Dataset:
         )
     if x.shape[0] == 0 or x[0].size == 0 or (y.ndim == 2 and y.shape[1] == 0):
         raise ValueError(f"{name}: no data: x {x.shape}, y {y.shape}.")
-    x = x.reshape(x.shape[0], -1)
-    _check_finite(x, "x", name)
-    x = x.astype(np.float32)
+    x = _float32(x.reshape(x.shape[0], -1), "x", name)
     if np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
         if y.ndim == 1:
             return Dataset(x, *_labels(y.astype(np.int64), name), name)
-        y = y.astype(np.float32)
-    _check_finite(y, "y", name)
+    y = _float32(y, "y", name)
     if y.ndim == 2 and y.shape[1] >= 2 and np.all((y == 0) | (y == 1)) and np.all(y.sum(1) == 1):
         labels, _ = _labels(np.argmax(y, axis=1), name)
         return Dataset(x, labels, int(y.shape[1]), name)  # one-hot: K is the width
     return Dataset(x, y.reshape(y.shape[0], -1).astype(np.float32), None, name)
+
+
+def _float32(array: np.ndarray, label: str, name: str) -> np.ndarray:
+    """``array`` in float32, checked finite before the cast (NaN, ±inf) and after it: a value
+    finite in float64 but beyond float32's range (``|v| > 3.4e38``) would become ``inf``."""
+    _check_finite(array, label, name)
+    with np.errstate(over="ignore"):  # the overflow is reported below, as an error
+        cast = array.astype(np.float32)
+    bad = ~np.isfinite(cast)
+    if np.any(bad):
+        row = int(np.argwhere(bad)[0][0])
+        biggest = float(np.finfo(np.float32).max)
+        raise ValueError(
+            f"{name}: {label} has {np.sum(bad)} values beyond float32's range (the first in row "
+            f"{row}, {float(array[np.nonzero(bad)][0]):.4g}); expected numbers of magnitude at "
+            f"most {biggest:.4g}, as training runs in float32."
+        )
+    return cast
 
 
 def _check_finite(array: np.ndarray, label: str, name: str) -> None:

@@ -29,6 +29,8 @@ def files(tmp_path_factory):
     np.savez(root / "not_rows.npz", x=x, y=rows)
     np.savez(root / "inf_y.npz", x=x[:4], y=np.array([0.0, 1.0, np.inf, 2.0]))
     np.savez(root / "nan_x.npz", x=np.array([[1.0], [np.nan]]), y=np.array([0, 1]))
+    np.savez(root / "big_x.npz", x=np.array([[1.0], [2.0], [-1e300]]), y=np.array([0, 1, 0]))
+    np.savez(root / "big_y.npz", x=x[:3], y=np.array([[0.0], [1e39], [1.0]]))
     return root
 
 
@@ -74,6 +76,13 @@ def no_training(monkeypatch):
             "2); expected finite numbers.",
         ),
         (["--data", "{d}/nan_x.npz"], "x has 1 NaN or infinite entries (the first in row 1)"),
+        (  # finite in float64, inf in float32: refused, not trained on as inf
+            ["--data", "{d}/big_x.npz"],
+            "argument --data: {d}/big_x.npz: x has 1 values beyond float32's range (the first in "
+            "row 2, -1e+300); expected numbers of magnitude at most 3.403e+38, as training runs "
+            "in float32.",
+        ),
+        (["--data", "{d}/big_y.npz"], "y has 1 values beyond float32's range (the first in row 1"),
     ],
 )
 def test_bad_data_exit_2_with_one_line(argv, message, files, capsys, no_training):

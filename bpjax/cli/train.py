@@ -140,7 +140,7 @@ def add_train_parser(commands: Any) -> None:
             f"{MAX_CLASSES:,}, and at most {CLASSES_PER_EXAMPLE} per example; float targets "
             "for cross_entropy must be rows of probabilities (non-negative, summing to 1 within "
             f"{PROBABILITY_ROW_TOLERANCE:g}·K), for binary_cross_entropy in [0, 1]; x and y "
-            "finite. "
+            "finite, also in float32 (magnitudes at most 3.4e38). "
             "--out DIR writes params.npz (each params[l][k] as k{l}: an MLP's W0, b0, W1, b1, …, "
             "the CNN's W0, b0, W2, b2, W5, b5; a leaf deeper in a block params[l][i]…[k] as "
             "k{l}.i.…; x_mean, x_scale: the input standardisation x̂ = (x − x_mean)/x_scale of "
