@@ -23,14 +23,16 @@ A ``.npz`` file (:func:`load_npz`) needs arrays ``x`` and ``y`` with one row per
 finite, also in float32 (the data are trained in float32: a float64 ``1e300`` would be ``inf``);
 so are float targets ``y``. ``y`` decides the task:
 
-- integer (or boolean) ``(n,)``: class labels ``0 … K−1``, ``K = max(y) + 1 ≥ 2``, with
+- integer (or boolean) ``(n,)``, or ``(n, 1)`` (labels saved as a column, read as ``(n,)``):
+  class labels ``0 … K−1``, ``K = max(y) + 1 ≥ 2``, with
   ``K ≤ MAX_CLASSES`` (10 000) and ``K ≤ CLASSES_PER_EXAMPLE · n`` (10 per example): a network
   has one output per class, so a label that is really an identifier (``1e9``) would ask for a
   giant output layer; and ``n`` examples show at most ``n`` classes, so ``K`` ten times beyond
   them means labels that are not class indices ``0 … K−1`` (a subsample that misses some
   classes stays well inside it);
-- one-hot rows ``(n, K)`` (every entry 0 or 1, exactly one 1 per row): read as the labels
-  ``argmax`` of each row;
+- one-hot rows ``(n, K)``, ``K ≥ 2`` (every entry 0 or 1, exactly one 1 per row): read as the
+  labels ``argmax`` of each row; any other integer ``(n, K)`` is refused (save regression or
+  multi-label targets as floats);
 - any other float ``(n, n_L)``, or float ``(n,)`` (read as ``(n, 1)``): regression targets.
 
 Inputs are standardised per feature with the training split's statistics
@@ -234,15 +236,15 @@ def load_npz(path: str | os.PathLike[str]) -> Dataset:
       path: the file, as written by ``np.savez(path, x=x, y=y)``.
 
     Returns:
-      The examples: labels when ``y`` is integer ``(n,)`` or one-hot ``(n, K)``, else float32
-      regression targets of shape ``(n, n_L)``.
+      The examples: labels when ``y`` is integer ``(n,)`` or ``(n, 1)``, or one-hot ``(n, K)``,
+      else float32 regression targets of shape ``(n, n_L)``.
 
     Raises:
       ValueError: the file is missing, unreadable or not an ``.npz`` archive; ``x`` or ``y`` is
         absent, not numeric, of the wrong rank, with a different number of rows, empty, or not
-        finite (also once cast to float32); labels that are negative, of fewer than two classes,
-        or of more than :data:`MAX_CLASSES` or ``CLASSES_PER_EXAMPLE · n`` classes. Each message
-        is one line.
+        finite (also once cast to float32); integer ``y`` ``(n, K ≥ 2)`` that is not one-hot;
+        labels that are negative, of fewer than two classes, or of more than
+        :data:`MAX_CLASSES` or ``CLASSES_PER_EXAMPLE · n`` classes. Each message is one line.
     """
     file = pathlib.Path(path)
     where = f"{str(path)!r}"
@@ -294,13 +296,29 @@ def _from_arrays(x: np.ndarray, y: np.ndarray, *, name: str) -> Dataset:
         raise ValueError(f"{name}: no data: x {x.shape}, y {y.shape}.")
     x = _float32(x.reshape(x.shape[0], -1), "x", name)
     if np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]  # labels saved as a column
         if y.ndim == 1:
             return Dataset(x, *_labels(y.astype(np.int64), name), name)
+        _check_one_hot(y, name)  # integers are never regression targets
     y = _float32(y, "y", name)
     if y.ndim == 2 and y.shape[1] >= 2 and np.all((y == 0) | (y == 1)) and np.all(y.sum(1) == 1):
         labels, _ = _labels(np.argmax(y, axis=1), name)
         return Dataset(x, labels, int(y.shape[1]), name)  # one-hot: K is the width
     return Dataset(x, y.reshape(y.shape[0], -1).astype(np.float32), None, name)
+
+
+def _check_one_hot(y: np.ndarray, name: str) -> None:
+    """Integer ``y`` of shape ``(n, K ≥ 2)`` must be one-hot rows."""
+    one_hot = np.all((y == 0) | (y == 1), axis=1) & (np.count_nonzero(y, axis=1) == 1)
+    if not np.all(one_hot):
+        row = int(np.argmin(one_hot))
+        shown = ", ".join(str(v) for v in y[row][:4].tolist())
+        raise ValueError(
+            f"{name}: integer y must be class labels (n,) or (n, 1), or one-hot rows (n, K); got "
+            f"{y.shape}, whose row {row}, [{shown}{', …' if y.shape[1] > 4 else ''}], is not "
+            "one-hot. Save regression or multi-label targets as floats."
+        )
 
 
 def _float32(array: np.ndarray, label: str, name: str) -> np.ndarray:

@@ -29,6 +29,7 @@ def files(tmp_path_factory):
     np.savez(root / "not_rows.npz", x=x, y=rows)
     np.savez(root / "inf_y.npz", x=x[:4], y=np.array([0.0, 1.0, np.inf, 2.0]))
     np.savez(root / "nan_x.npz", x=np.array([[1.0], [np.nan]]), y=np.array([0, 1]))
+    np.savez(root / "int_rows.npz", x=x[:3], y=np.array([[0, 1], [1, 0], [2, 0]]))
     np.savez(root / "big_x.npz", x=np.array([[1.0], [2.0], [-1e300]]), y=np.array([0, 1, 0]))
     np.savez(root / "big_y.npz", x=x[:3], y=np.array([[0.0], [1e39], [1.0]]))
     return root
@@ -82,6 +83,12 @@ def no_training(monkeypatch):
             "row 2, -1e+300); expected numbers of magnitude at most 3.403e+38, as training runs "
             "in float32.",
         ),
+        (  # integers are labels or one-hot rows, never regression targets
+            ["--data", "{d}/int_rows.npz"],
+            "argument --data: {d}/int_rows.npz: integer y must be class labels (n,) or (n, 1), "
+            "or one-hot rows (n, K); got (3, 2), whose row 2, [2, 0], is not one-hot. Save "
+            "regression or multi-label targets as floats.",
+        ),
         (["--data", "{d}/big_y.npz"], "y has 1 values beyond float32's range (the first in row 1"),
     ],
 )
@@ -100,6 +107,22 @@ def test_labels_up_to_the_limits_are_classes(tmp_path):
     assert datasets.MAX_CLASSES == 10_000 and datasets.CLASSES_PER_EXAMPLE == 10
     np.savez(tmp_path / "edge.npz", x=np.zeros((3, 1)), y=np.array([0, 1, 29]))  # 10 × 3 = 30
     assert datasets.load_dataset(tmp_path / "edge.npz").num_classes == 30
+
+
+def test_integer_labels_saved_as_a_column_are_labels(tmp_path, capsys, monkeypatch):
+    x = np.random.default_rng(0).normal(size=(12, 3))
+    np.savez(tmp_path / "col.npz", x=x, y=(np.arange(12) % 3).reshape(-1, 1))
+    data = datasets.load_dataset(tmp_path / "col.npz")
+    assert data.num_classes == 3 and data.y.shape == (12,)
+    assert np.array_equal(data.y, np.arange(12) % 3)
+
+    def fit(*args, **kwargs):  # the summary line is all this needs: stop at the first step
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "fit", fit)
+    main(["train", "--data", str(tmp_path / "col.npz")])
+    # a 3-class classifier, not squared-error regression on one output
+    assert "MLP 3-128-3 relu→softmax, cross_entropy" in capsys.readouterr().out
 
 
 def _rows(y: np.ndarray) -> datasets.Dataset:
