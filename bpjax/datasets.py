@@ -299,7 +299,7 @@ def _from_arrays(x: np.ndarray, y: np.ndarray, *, name: str) -> Dataset:
         if y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]  # labels saved as a column
         if y.ndim == 1:
-            return Dataset(x, *_labels(y.astype(np.int64), name), name)
+            return Dataset(x, *_labels(y, name), name)
         _check_one_hot(y, name)  # integers are never regression targets
     y = _float32(y, "y", name)
     if y.ndim == 2 and y.shape[1] >= 2 and np.all((y == 0) | (y == 1)) and np.all(y.sum(1) == 1):
@@ -351,7 +351,7 @@ def _check_finite(array: np.ndarray, label: str, name: str) -> None:
 
 def _labels(y: np.ndarray, name: str) -> tuple[np.ndarray, int]:
     """Integer labels as int32 and their class count ``K``, checked (see the module doc)."""
-    lo, hi = int(y.min()), int(y.max())
+    lo, hi = int(y.min()), int(y.max())  # Python ints: a uint64 label ≥ 2⁶³ keeps its value
     if lo < 0:
         raise ValueError(f"{name}: class labels y must be 0, 1, …, K−1, got a label {lo}.")
     if hi < 1:

@@ -12,7 +12,12 @@ import pytest
 from bpjax import datasets
 from bpjax import train as train_module
 from bpjax.cli import main
-from bpjax.cli.models import PROBABILITY_ROW_TOLERANCE, OptionError, check_targets
+from bpjax.cli.models import (
+    PROBABILITY_ROW_TOLERANCE,
+    OptionError,
+    check_targets,
+    probability_rows,
+)
 from bpjax.cli.train import EXIT_USAGE
 
 
@@ -30,6 +35,7 @@ def files(tmp_path_factory):
     np.savez(root / "inf_y.npz", x=x[:4], y=np.array([0.0, 1.0, np.inf, 2.0]))
     np.savez(root / "nan_x.npz", x=np.array([[1.0], [np.nan]]), y=np.array([0, 1]))
     np.savez(root / "int_rows.npz", x=x[:3], y=np.array([[0, 1], [1, 0], [2, 0]]))
+    np.savez(root / "u64.npz", x=x[:2], y=np.array([0, 2**64 - 1], np.uint64))
     np.savez(root / "big_x.npz", x=np.array([[1.0], [2.0], [-1e300]]), y=np.array([0, 1, 0]))
     np.savez(root / "big_y.npz", x=x[:3], y=np.array([[0.0], [1e39], [1.0]]))
     return root
@@ -53,13 +59,17 @@ def no_training(monkeypatch):
             "for these 4); got a label 1,000,000,000, K = 1,000,000,001.",
         ),
         (["--data", "{d}/over_limit.npz"], "at most 10,000 and at most 10 per example (20,000"),
+        (  # the label as it is, not wrapped to -1 by a cast to int64
+            ["--data", "{d}/u64.npz"],
+            "got a label 18,446,744,073,709,551,615, K = 18,446,744,073,709,551,616.",
+        ),
         (["--data", "{d}/sparse.npz"], "(40 for these 4); got a label 40, K = 41."),
         (
             ["--data", "{d}/real.npz", "--loss", "cross_entropy"],
             "argument --data: {d}/real.npz: y holds float targets (20, 2) that cross_entropy "
             "(--loss cross_entropy) is not defined on: 20 rows such as row 0, [0.3456, 0.8216] "
             "(sum 1.167); expected integer class labels (n,), one-hot rows, or rows of "
-            "non-negative entries summing to 1 within 2e-06, or the squared_error loss for "
+            "non-negative entries summing to 1, both within 2e-06, or the squared_error loss for "
             "regression targets",
         ),
         (
@@ -137,8 +147,33 @@ def test_probability_rows_pass_within_the_tolerance():
         check_targets("cross_entropy", _rows(e / e.sum(axis=1, keepdims=True)), "p", "--loss")
     tolerance = PROBABILITY_ROW_TOLERANCE * 2
     check_targets("cross_entropy", _rows(np.array([[0.5, 0.5 + tolerance / 2]])), "p", "--loss")
-    with pytest.raises(OptionError, match="summing to 1 within 2e-06"):
+    with pytest.raises(OptionError, match="summing to 1, both within 2e-06"):
         check_targets("cross_entropy", _rows(np.array([[0.5, 0.5 + 2 * tolerance]])), "p", "-")
     with pytest.raises(OptionError, match=r"row 0, \[1\.1, -0\.1\]"):  # sums to 1, but negative
         check_targets("cross_entropy", _rows(np.array([[1.1, -0.1]])), "p", "--loss")
     check_targets("squared_error", _rows(np.array([[1.1, -0.1]])), "p", "--loss")  # any target
+
+
+def test_entries_a_rounding_below_0_pass_and_train_as_0(tmp_path, capsys, monkeypatch):
+    tolerance = PROBABILITY_ROW_TOLERANCE * 3
+    rows = np.array([[1 + 1e-9, -1e-9, 0.0], [0.5, 0.5 + tolerance / 2, -tolerance / 2]])
+    check_targets("cross_entropy", _rows(rows), "p", "--loss")
+    assert probability_rows("cross_entropy", _rows(rows)).y.min() == 0.0
+    assert probability_rows("squared_error", _rows(rows)).y.min() < 0  # regression: as it is
+    with pytest.raises(OptionError, match=r"row 0, \[1, -6e-06, 0\]"):  # beyond the tolerance
+        check_targets("cross_entropy", _rows(np.array([[1.0, -2 * tolerance, 0.0]])), "p", "-")
+    # the command trains on the clipped rows, both splits
+    p = np.random.default_rng(1).dirichlet(np.ones(3), size=20)
+    p[:, 0] += p[:, 2] + 1e-9
+    p[:, 2] = -1e-9
+    np.savez(tmp_path / "p.npz", x=np.random.default_rng(0).normal(size=(20, 3)), y=p)
+    seen = []
+
+    def fit(net, params, training, *args, test, **kwargs):
+        seen.extend([training.y, test.y])
+        raise KeyboardInterrupt  # stop before any step
+
+    monkeypatch.setattr(train_module, "fit", fit)
+    main(["train", "--data", str(tmp_path / "p.npz"), "--loss", "cross_entropy"])
+    assert "cross_entropy" in capsys.readouterr().out
+    assert len(seen) == 2 and all(y.min() == 0.0 for y in seen)

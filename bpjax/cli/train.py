@@ -38,6 +38,7 @@ from bpjax.cli.models import (
     load_network,
     model_label,
     model_option,
+    probability_rows,
 )
 from bpjax.cli.options import (
     fraction,
@@ -138,8 +139,9 @@ def add_train_parser(commands: Any) -> None:
             "arguments that returns one; data rows are reshaped to its input_shape. "
             "Integer labels ask for K = max(y) + 1 classes: at most "
             f"{MAX_CLASSES:,}, and at most {CLASSES_PER_EXAMPLE} per example; float targets "
-            "for cross_entropy must be rows of probabilities (non-negative, summing to 1 within "
-            f"{PROBABILITY_ROW_TOLERANCE:g}·K), for binary_cross_entropy in [0, 1]; x and y "
+            "for cross_entropy must be rows of probabilities (non-negative and summing to 1, "
+            f"both within {PROBABILITY_ROW_TOLERANCE:g}·K; entries just below 0 are set to 0), "
+            "for binary_cross_entropy in [0, 1]; x and y "
             "finite, also in float32 (magnitudes at most 3.4e38). "
             "--out DIR writes params.npz (each params[l][k] as k{l}: an MLP's W0, b0, W1, b1, …, "
             "the CNN's W0, b0, W2, b2, W5, b5; a leaf deeper in a block params[l][i]…[k] as "
@@ -384,6 +386,8 @@ def _train_setup(args: argparse.Namespace) -> _TrainSetup:
         message = str(error).removeprefix("test_fraction: ")
         raise OptionError(f"argument --test-fraction: {message}") from None
     net = _build_net(args, data, defaults)
+    # entries of probability rows a rounding below 0, which check_targets let through, become 0
+    training, test = (probability_rows(net.objective.name, part) for part in (training, test))
     normalizer = (
         datasets.Normalizer.identity(data.num_features)
         if args.no_normalize
