@@ -8,6 +8,7 @@ replacing a writer. Nothing here measures time.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -372,6 +373,44 @@ def test_a_latin_1_stdout_gets_escapes_not_a_traceback(monkeypatch):
     assert "MLP 2-8-2 tanh\\u2192softmax" in out  # the summary line
     assert "layer's \\u03b4" in out  # bpjax check --help
     assert streams["err"].buffer.getvalue() == b""
+
+
+def test_ctrl_c_during_setup_stops_before_training_even_with_overwrite(
+    tmp_path, capsys, monkeypatch, no_training
+):
+    # a first Ctrl-C before training is a flag main() holds (never a KeyboardInterrupt that a
+    # garbage-collection callback could swallow); the run must not train nor replace --out
+    for name in (*RESULT_FILES, MANIFEST):
+        (tmp_path / name).write_text("earlier", encoding="utf-8")
+    before = _snapshot(tmp_path)
+    handler = signal.getsignal(signal.SIGINT)
+    load = datasets.load_dataset
+
+    def ctrl_c_then_load(source):
+        with contextlib.suppress(KeyboardInterrupt):  # what a gc callback does with it
+            signal.raise_signal(signal.SIGINT)
+        return load(source)
+
+    monkeypatch.setattr(datasets, "load_dataset", ctrl_c_then_load)
+    code, out, err = _run([*XOR, "--out", str(tmp_path), "--overwrite"], capsys)
+    assert code == EXIT_INTERRUPTED and out == ""
+    assert err == (
+        f"bpjax train: interrupted; nothing saved; {str(tmp_path)!r} is as it was before the run\n"
+    )
+    assert _snapshot(tmp_path) == before
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_ctrl_c_while_reading_the_arguments_is_one_line(capsys, monkeypatch):
+    import bpjax.cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bpjax.cli, "_parser", interrupted)
+    code, out, err = _run(XOR, capsys)
+    assert code == EXIT_INTERRUPTED and out == ""
+    assert err == "bpjax: interrupted before it started; nothing done\n"
 
 
 def test_help_documents_the_exit_statuses_and_overwrite(capsys):
