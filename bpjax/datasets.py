@@ -20,16 +20,19 @@ digits     1797    64     10        scikit-learn's bundled 8×8 handwritten digi
 
 A ``.npz`` file (:func:`load_npz`) needs arrays ``x`` and ``y`` with one row per example.
 ``x`` is ``(n, n_0)`` (or ``(n, d_1, d_2, ...)``, flattened to ``(n, d_1 d_2 ...)``), real and
-finite. ``y`` decides the task:
+finite, also in float32 (the data are trained in float32: a float64 ``1e300`` would be ``inf``);
+so are float targets ``y``. ``y`` decides the task:
 
-- integer (or boolean) ``(n,)``: class labels ``0 … K−1``, ``K = max(y) + 1 ≥ 2``, with
+- integer (or boolean) ``(n,)``, or ``(n, 1)`` (labels saved as a column, read as ``(n,)``):
+  class labels ``0 … K−1``, ``K = max(y) + 1 ≥ 2``, with
   ``K ≤ MAX_CLASSES`` (10 000) and ``K ≤ CLASSES_PER_EXAMPLE · n`` (10 per example): a network
   has one output per class, so a label that is really an identifier (``1e9``) would ask for a
   giant output layer; and ``n`` examples show at most ``n`` classes, so ``K`` ten times beyond
   them means labels that are not class indices ``0 … K−1`` (a subsample that misses some
   classes stays well inside it);
-- one-hot rows ``(n, K)`` (every entry 0 or 1, exactly one 1 per row): read as the labels
-  ``argmax`` of each row;
+- one-hot rows ``(n, K)``, ``K ≥ 2`` (every entry 0 or 1, exactly one 1 per row): read as the
+  labels ``argmax`` of each row; any other integer ``(n, K)`` is refused (save regression or
+  multi-label targets as floats);
 - any other float ``(n, n_L)``, or float ``(n,)`` (read as ``(n, 1)``): regression targets.
 
 Inputs are standardised per feature with the training split's statistics
@@ -233,13 +236,14 @@ def load_npz(path: str | os.PathLike[str]) -> Dataset:
       path: the file, as written by ``np.savez(path, x=x, y=y)``.
 
     Returns:
-      The examples: labels when ``y`` is integer ``(n,)`` or one-hot ``(n, K)``, else float32
-      regression targets of shape ``(n, n_L)``.
+      The examples: labels when ``y`` is integer ``(n,)`` or ``(n, 1)``, or one-hot ``(n, K)``,
+      else float32 regression targets of shape ``(n, n_L)``.
 
     Raises:
       ValueError: the file is missing, unreadable or not an ``.npz`` archive; ``x`` or ``y`` is
         absent, not numeric, of the wrong rank, with a different number of rows, empty, or not
-        finite; labels that are negative, of fewer than two classes, or of more than
+        finite (also once cast to float32); integer ``y`` ``(n, K ≥ 2)`` that is not one-hot;
+        labels that are negative, of fewer than two classes, or of more than
         :data:`MAX_CLASSES` or ``CLASSES_PER_EXAMPLE · n`` classes. Each message is one line.
     """
     file = pathlib.Path(path)
@@ -290,18 +294,49 @@ def _from_arrays(x: np.ndarray, y: np.ndarray, *, name: str) -> Dataset:
         )
     if x.shape[0] == 0 or x[0].size == 0 or (y.ndim == 2 and y.shape[1] == 0):
         raise ValueError(f"{name}: no data: x {x.shape}, y {y.shape}.")
-    x = x.reshape(x.shape[0], -1)
-    _check_finite(x, "x", name)
-    x = x.astype(np.float32)
+    x = _float32(x.reshape(x.shape[0], -1), "x", name)
     if np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]  # labels saved as a column
         if y.ndim == 1:
-            return Dataset(x, *_labels(y.astype(np.int64), name), name)
-        y = y.astype(np.float32)
-    _check_finite(y, "y", name)
+            return Dataset(x, *_labels(y, name), name)
+        _check_one_hot(y, name)  # integers are never regression targets
+    y = _float32(y, "y", name)
     if y.ndim == 2 and y.shape[1] >= 2 and np.all((y == 0) | (y == 1)) and np.all(y.sum(1) == 1):
         labels, _ = _labels(np.argmax(y, axis=1), name)
         return Dataset(x, labels, int(y.shape[1]), name)  # one-hot: K is the width
     return Dataset(x, y.reshape(y.shape[0], -1).astype(np.float32), None, name)
+
+
+def _check_one_hot(y: np.ndarray, name: str) -> None:
+    """Integer ``y`` of shape ``(n, K ≥ 2)`` must be one-hot rows."""
+    one_hot = np.all((y == 0) | (y == 1), axis=1) & (np.count_nonzero(y, axis=1) == 1)
+    if not np.all(one_hot):
+        row = int(np.argmin(one_hot))
+        shown = ", ".join(str(v) for v in y[row][:4].tolist())
+        raise ValueError(
+            f"{name}: integer y must be class labels (n,) or (n, 1), or one-hot rows (n, K); got "
+            f"{y.shape}, whose row {row}, [{shown}{', …' if y.shape[1] > 4 else ''}], is not "
+            "one-hot. Save regression or multi-label targets as floats."
+        )
+
+
+def _float32(array: np.ndarray, label: str, name: str) -> np.ndarray:
+    """``array`` in float32, checked finite before the cast (NaN, ±inf) and after it: a value
+    finite in float64 but beyond float32's range (``|v| > 3.4e38``) would become ``inf``."""
+    _check_finite(array, label, name)
+    with np.errstate(over="ignore"):  # the overflow is reported below, as an error
+        cast = array.astype(np.float32)
+    bad = ~np.isfinite(cast)
+    if np.any(bad):
+        row = int(np.argwhere(bad)[0][0])
+        biggest = float(np.finfo(np.float32).max)
+        raise ValueError(
+            f"{name}: {label} has {np.sum(bad)} values beyond float32's range (the first in row "
+            f"{row}, {float(array[np.nonzero(bad)][0]):.4g}); expected numbers of magnitude at "
+            f"most {biggest:.4g}, as training runs in float32."
+        )
+    return cast
 
 
 def _check_finite(array: np.ndarray, label: str, name: str) -> None:
@@ -316,7 +351,7 @@ def _check_finite(array: np.ndarray, label: str, name: str) -> None:
 
 def _labels(y: np.ndarray, name: str) -> tuple[np.ndarray, int]:
     """Integer labels as int32 and their class count ``K``, checked (see the module doc)."""
-    lo, hi = int(y.min()), int(y.max())
+    lo, hi = int(y.min()), int(y.max())  # Python ints: a uint64 label ≥ 2⁶³ keeps its value
     if lo < 0:
         raise ValueError(f"{name}: class labels y must be 0, 1, …, K−1, got a label {lo}.")
     if hi < 1:

@@ -8,12 +8,15 @@ replacing a writer. Nothing here measures time.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import pathlib
 import signal
+import sys
 
 import jax
 import numpy as np
@@ -144,7 +147,7 @@ def test_a_directory_that_takes_no_file_fails_before_training(
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(train_outputs.tempfile, "NamedTemporaryFile", refuse)
+    monkeypatch.setattr(train_outputs.tempfile, "mkdtemp", refuse)
     code, _, err = _run([*XOR, "--out", str(tmp_path)], capsys)
     assert code == EXIT_USAGE
     lines = err.strip().splitlines()
@@ -153,6 +156,62 @@ def test_a_directory_that_takes_no_file_fails_before_training(
         "denied); expected a writable directory"
     )
     assert "Traceback" not in err
+
+
+def test_a_name_too_long_for_the_file_system_fails_in_one_line(tmp_path, capsys, no_training):
+    out = str(tmp_path / ("a" * 300))  # one component beyond NAME_MAX (255): ENAMETOOLONG
+    code, stdout, err = _run([*XOR, "--out", out], capsys)
+    assert code == EXIT_USAGE and stdout == ""
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"bpjax train: error: argument --out: cannot create {out!r} (File name too long); "
+        "expected a writable directory"
+    )
+
+
+def test_any_os_error_while_checking_out_fails_in_one_line(
+    tmp_path, capsys, no_training, monkeypatch
+):
+    def broken(self, *args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(train_outputs.pathlib.Path, "exists", broken)
+    code, _, err = _run([*XOR, "--out", str(tmp_path / "run")], capsys)
+    assert code == EXIT_USAGE and "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"bpjax train: error: argument --out: cannot create {str(tmp_path / 'run')!r} "
+        "(Input/output error); expected a writable directory"
+    )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's PATH_MAX, 4096")
+def test_out_too_long_for_the_staging_paths_fails_before_training(tmp_path, capsys, no_training):
+    # DIR/.bpjax-train-XXXXXXXX fits in PATH_MAX, DIR/.bpjax-train-XXXXXXXX/manifest.json not:
+    # the save would fail after training, so the check must refuse it
+    out = str(tmp_path)
+    while len(out) < 3800:
+        out += "/" + "d" * 250
+    out += "/" + "e" * (4066 - len(out) - 1)
+    code, stdout, err = _run([*XOR, "--out", out], capsys)
+    assert code == EXIT_USAGE and stdout == ""
+    assert err.splitlines()[-1] == (
+        f"bpjax train: error: argument --out: cannot write in {out!r} (File name too long); "
+        "expected a writable directory"
+    )
+    assert os.listdir(out) == []
+
+
+def test_an_empty_out_is_refused_not_the_current_directory(
+    tmp_path, capsys, no_training, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = _run([*XOR, "--out", ""], capsys)
+    assert code == EXIT_USAGE and stdout == ""
+    assert err.splitlines()[-1] == (
+        "bpjax train: error: argument --out: '' is an empty path; expected a directory for the "
+        "results (created if missing)"
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_result_name_taken_by_a_directory_fails_even_with_overwrite(
@@ -299,6 +358,59 @@ def test_ctrl_c_before_training_is_one_line(capsys, monkeypatch):
     code, out, err = _run(XOR, capsys)
     assert code == EXIT_INTERRUPTED and out == ""
     assert err == "bpjax train: interrupted; nothing saved\n"
+
+
+def test_a_latin_1_stdout_gets_escapes_not_a_traceback(monkeypatch):
+    # a latin-1 or cp1252 terminal: no → or δ; the summary line and the help hold both
+    streams = {name: io.TextIOWrapper(io.BytesIO(), encoding="latin-1") for name in ("out", "err")}
+    monkeypatch.setattr(sys, "stdout", streams["out"])
+    monkeypatch.setattr(sys, "stderr", streams["err"])
+    assert main([*XOR[:-1], "1"]) == EXIT_OK
+    assert main(["check", "--help"]) == 0
+    for stream in streams.values():
+        stream.flush()
+    out = streams["out"].buffer.getvalue().decode("latin-1")
+    assert "MLP 2-8-2 tanh\\u2192softmax" in out  # the summary line
+    assert "layer's \\u03b4" in out  # bpjax check --help
+    assert streams["err"].buffer.getvalue() == b""
+
+
+def test_ctrl_c_during_setup_stops_before_training_even_with_overwrite(
+    tmp_path, capsys, monkeypatch, no_training
+):
+    # a first Ctrl-C before training is a flag main() holds (never a KeyboardInterrupt that a
+    # garbage-collection callback could swallow); the run must not train nor replace --out
+    for name in (*RESULT_FILES, MANIFEST):
+        (tmp_path / name).write_text("earlier", encoding="utf-8")
+    before = _snapshot(tmp_path)
+    handler = signal.getsignal(signal.SIGINT)
+    load = datasets.load_dataset
+
+    def ctrl_c_then_load(source):
+        with contextlib.suppress(KeyboardInterrupt):  # what a gc callback does with it
+            signal.raise_signal(signal.SIGINT)
+        return load(source)
+
+    monkeypatch.setattr(datasets, "load_dataset", ctrl_c_then_load)
+    code, out, err = _run([*XOR, "--out", str(tmp_path), "--overwrite"], capsys)
+    assert code == EXIT_INTERRUPTED and out == ""
+    assert err == (
+        f"bpjax train: interrupted; nothing saved; {str(tmp_path)!r} is as it was before the run\n"
+    )
+    assert _snapshot(tmp_path) == before
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_ctrl_c_while_reading_the_arguments_is_one_line(capsys, monkeypatch):
+    import bpjax.cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bpjax.cli, "_parser", interrupted)
+    code, out, err = _run(XOR, capsys)
+    assert code == EXIT_INTERRUPTED and out == ""
+    assert err == "bpjax: interrupted before it started; nothing done\n"
 
 
 def test_help_documents_the_exit_statuses_and_overwrite(capsys):

@@ -44,6 +44,7 @@ __all__ = [
     "network_record",
     "params_arrays",
     "params_from_arrays",
+    "probability_rows",
     "split_spec",
 ]
 
@@ -126,9 +127,12 @@ def default_loss(data: Any, loss: str | None, source: str) -> str:
 # A probability row stored in float32: rounding each p_j moves it by ≤ u·p_j (u = 2⁻²⁴ ≈ 6e-8),
 # the row's sum by ≤ u; a row normalised in float32 (p_j = e_j / S, S a float32 sum of K terms,
 # off by ≤ (K − 1)u·S) sums to 1 within about 2K·u ≈ 1.2e-7·K. 1e-6·K is 8× that: any
-# probability row passes, and regression targets (which sum to anything) almost never do.
+# probability row passes, and regression targets (which sum to anything) almost never do. An entry
+# written as 1 − (the sum of the others) is off by the same ≤ 2K·u, so it may come out below 0 by
+# that much: entries down to −1e-6·K pass too, and are set to 0 (probability_rows).
 PROBABILITY_ROW_TOLERANCE = 1e-6
-"""Float targets for cross_entropy must sum to 1 per row within this times the row's width K."""
+"""Float targets for cross_entropy must sum to 1 per row within this times the row's width K,
+and each entry be at least minus that (set to 0)."""
 
 
 def _row_text(row: Any) -> str:
@@ -138,8 +142,9 @@ def _row_text(row: Any) -> str:
 
 def check_targets(loss: str, data: Any, source: str, chosen_by: str) -> None:
     """Float targets that ``loss`` is defined on: for cross_entropy, rows of probabilities
-    (non-negative, summing to 1 within ``PROBABILITY_ROW_TOLERANCE · K``); for
-    binary_cross_entropy, entries in ``[0, 1]``. Class labels (``data.num_classes`` set) pass.
+    (non-negative and summing to 1, both within ``PROBABILITY_ROW_TOLERANCE · K``: see
+    :func:`probability_rows` for the entries just below 0); for binary_cross_entropy, entries in
+    ``[0, 1]``. Class labels (``data.num_classes`` set) pass.
 
     Args:
       loss: the network's loss name.
@@ -161,7 +166,7 @@ def check_targets(loss: str, data: Any, source: str, chosen_by: str) -> None:
     if loss == "binary_cross_entropy":
         bad = np.any((y < 0) | (y > 1), axis=1)
     else:
-        bad = np.any(y < 0, axis=1) | (np.abs(y.sum(axis=1) - 1) > tolerance)
+        bad = np.any(y < -tolerance, axis=1) | (np.abs(y.sum(axis=1) - 1) > tolerance)
     if not np.any(bad):
         return
     row = int(np.argmax(bad))
@@ -172,13 +177,26 @@ def check_targets(loss: str, data: Any, source: str, chosen_by: str) -> None:
         got = f"{_row_text(y[row])} (sum {y[row].sum():.4g})"
         expected = (
             "integer class labels (n,), one-hot rows, or rows of non-negative entries summing "
-            f"to 1 within {tolerance:.0e}"
+            f"to 1, both within {tolerance:.0e}"
         )
     raise OptionError(
         f"argument --data: {source}: y holds float targets {tuple(y.shape)} that {loss} "
         f"({chosen_by}) is not defined on: {np.sum(bad):,} rows such as row {row}, {got}; "
         f"expected {expected}, or the squared_error loss for regression targets"
     )
+
+
+def probability_rows(loss: str, data: Any) -> Any:
+    """``data`` with the entries of cross_entropy's probability rows that
+    :func:`check_targets` let through below 0 (by at most ``PROBABILITY_ROW_TOLERANCE · K``:
+    rounding) set to 0; any other data as it is."""
+    import dataclasses
+
+    import numpy as np
+
+    if data.num_classes is not None or loss != "cross_entropy" or not np.any(data.y < 0):
+        return data
+    return dataclasses.replace(data, y=np.maximum(data.y, 0).astype(data.y.dtype))
 
 
 def build_mlp(

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bpjax.cli.models import (
@@ -38,6 +39,7 @@ from bpjax.cli.models import (
     load_network,
     model_label,
     model_option,
+    probability_rows,
 )
 from bpjax.cli.options import (
     fraction,
@@ -70,7 +72,9 @@ _EXIT_TEXT = (
     f"(before any step); {EXIT_IOERR} the results could not be written after training "
     f"(EX_IOERR; --out is left as it was); {EXIT_INTERRUPTED} Ctrl-C: the run stops at the next "
     "step and the params and history reached are saved, marked interrupted; a second Ctrl-C "
-    "quits at once without saving."
+    "quits at once without saving; one before the first step stops the run before it trains or "
+    "writes. Limit: while Python still imports bpjax and JAX (the first second or so), Ctrl-C "
+    "is Python's own (a traceback, or ignored inside a JAX callback): wait for the summary line."
 )
 
 
@@ -121,11 +125,11 @@ def add_train_parser(commands: Any) -> None:
             "with an optax optimiser on the hand-written gradients (the "
             "δ-recursion) or on jax.grad's, on a built-in data set (xor, spirals, digits: "
             "scikit-learn's bundled 8×8 digits) or on a .npz file with arrays x (n, n_0) and y: "
-            "integer class labels (n,), one-hot rows (n, K), or float regression targets "
-            "(n, n_L). Inputs are standardised with the training split's mean and standard "
-            "deviation: per feature for flat inputs, per channel (pooled over the pixels) for "
-            "images. A held-out split is evaluated after every epoch; the progress "
-            "bar shows the loss, the accuracy and the steps per second."
+            "integer class labels (n,) or (n, 1), one-hot rows (n, K), or float regression "
+            "targets (n, n_L); any other integer y is refused. Inputs are standardised with the "
+            "training split's mean and standard deviation: per feature for flat inputs, per "
+            "channel (pooled over the pixels) for images. A held-out split is evaluated after "
+            "every epoch; the progress bar shows the loss, the accuracy and the steps per second."
         ),
         epilog=(
             f"Defaults by data set ({defaults}); --model cnn: --epochs {_CNN_DEFAULTS.epochs} "
@@ -138,9 +142,10 @@ def add_train_parser(commands: Any) -> None:
             "arguments that returns one; data rows are reshaped to its input_shape. "
             "Integer labels ask for K = max(y) + 1 classes: at most "
             f"{MAX_CLASSES:,}, and at most {CLASSES_PER_EXAMPLE} per example; float targets "
-            "for cross_entropy must be rows of probabilities (non-negative, summing to 1 within "
-            f"{PROBABILITY_ROW_TOLERANCE:g}·K), for binary_cross_entropy in [0, 1]; x and y "
-            "finite. "
+            "for cross_entropy must be rows of probabilities (non-negative and summing to 1, "
+            f"both within {PROBABILITY_ROW_TOLERANCE:g}·K; entries just below 0 are set to 0), "
+            "for binary_cross_entropy in [0, 1]; x and y "
+            "finite, also in float32 (magnitudes at most 3.4e38). "
             "--out DIR writes params.npz (each params[l][k] as k{l}: an MLP's W0, b0, W1, b1, …, "
             "the CNN's W0, b0, W2, b2, W5, b5; a leaf deeper in a block params[l][i]…[k] as "
             "k{l}.i.…; x_mean, x_scale: the input standardisation x̂ = (x − x_mean)/x_scale of "
@@ -384,6 +389,8 @@ def _train_setup(args: argparse.Namespace) -> _TrainSetup:
         message = str(error).removeprefix("test_fraction: ")
         raise OptionError(f"argument --test-fraction: {message}") from None
     net = _build_net(args, data, defaults)
+    # entries of probability rows a rounding below 0, which check_targets let through, become 0
+    training, test = (probability_rows(net.objective.name, part) for part in (training, test))
     normalizer = (
         datasets.Normalizer.identity(data.num_features)
         if args.no_normalize
@@ -434,10 +441,15 @@ def _device_mesh(devices: int | None) -> Any:
     return parallel.device_mesh(devices)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """Runs ``bpjax train`` with parsed arguments; returns the exit status (``EXIT_*``)."""
+def run_train(args: argparse.Namespace, interrupted: Callable[[], bool] = lambda: False) -> int:
+    """Runs ``bpjax train`` with parsed arguments; returns the exit status (``EXIT_*``).
+
+    ``interrupted`` says whether Ctrl-C was pressed before this was called (``main`` holds a
+    first one off as a flag from its start: :func:`~bpjax.cli.train_outputs.sigint_flag`);
+    it is checked before training starts, and such a run stops there, writing nothing.
+    """
     try:
-        return _train(args)
+        return _train(args, interrupted)
     except KeyboardInterrupt:
         # before the first step, or a second Ctrl-C: --out is as it was before the run
         kept = "" if args.out is None else f"; {args.out!r} is as it was before the run"
@@ -461,7 +473,7 @@ def _status(history: Any) -> int:
     return EXIT_DIVERGED if history.stopped == "nonfinite" else EXIT_OK
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, startup_interrupt: Callable[[], bool]) -> int:
     import jax
 
     from bpjax import train
@@ -470,6 +482,8 @@ def _train(args: argparse.Namespace) -> int:
         setup = _train_setup(args)
     except OptionError as error:
         return _fail(args.parser, str(error))
+    if startup_interrupt():  # Ctrl-C while setting up: stop before anything is trained or written
+        raise KeyboardInterrupt
     net, training, test = setup.net, setup.train, setup.test
     try:
         mesh = _device_mesh(args.devices)
@@ -490,6 +504,8 @@ def _train(args: argparse.Namespace) -> int:
     # the first Ctrl-C stops training at the next step and lets the run be saved; a second one,
     # in training or in saving, raises KeyboardInterrupt (run_train)
     with sigint_flag() as interrupted:
+        if startup_interrupt():  # pressed before this handler took over: nothing trained yet
+            raise KeyboardInterrupt
         try:
             with progress(total, epochs=setup.epochs) as (on_step, on_eval):
                 result = train.fit(

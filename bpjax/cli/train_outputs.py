@@ -1,7 +1,8 @@
 """Where ``bpjax train --out DIR`` puts a run's results, so that they are never lost or mixed.
 
 Before training, :func:`prepare_out_dir` makes sure the results can be written: ``DIR`` is a
-directory (created if missing) in which a file can be created, no result name in it is taken by
+directory (created if missing) in which a staging directory and, in it, a file of the longest
+result name can be created (the very paths the save will use), no result name in it is taken by
 something other than a file, and it holds no earlier results unless ``--overwrite``. A problem is
 an :class:`~bpjax.cli.models.OptionError` (exit status 2) before the first step, not a traceback
 after the run.
@@ -28,6 +29,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import signal
 import tempfile
 import threading
@@ -78,23 +80,26 @@ def prepare_out_dir(text: str, *, overwrite: bool) -> pathlib.Path:
     result names are free, or hold files of an earlier run and ``overwrite`` is set.
 
     Raises:
-      OptionError: ``argument --out: …``, one line: an existing file, a directory that cannot be
-        created or written in, a result name taken by a directory (nothing could replace it), or
-        earlier results without ``overwrite`` (named).
+      OptionError: ``argument --out: …``, one line: an empty path, an existing file, a directory
+        that cannot be created or written in (any :class:`OSError`), a result name taken by a
+        directory (nothing could replace it), or earlier results without ``overwrite`` (named).
     """
-    out = pathlib.Path(text)
-    if out.exists() and not out.is_dir():
+    if not text:  # `--out "$DIR"` with DIR unset: pathlib reads "" as ".", the current directory
         raise OptionError(
-            f"argument --out: {text!r} is a file; expected a directory for the results "
+            "argument --out: '' is an empty path; expected a directory for the results "
             "(created if missing)"
         )
+    out = pathlib.Path(text)
     try:
+        if out.exists() and not out.is_dir():
+            raise OptionError(
+                f"argument --out: {text!r} is a file; expected a directory for the results "
+                "(created if missing)"
+            )
         out.mkdir(parents=True, exist_ok=True)
-        # creating a file is the only sure test: permissions, a read-only mount, ACLs, quotas
-        with tempfile.NamedTemporaryFile(dir=out, prefix=STAGING_PREFIX):
-            pass
-    except OSError as error:
-        what = "create" if not out.is_dir() else "write in"
+        _probe_staging(out)
+    except OSError as error:  # any: a name too long, a loop of links, an I/O error, …
+        what = "write in" if os.path.isdir(out) else "create"
         raise OptionError(
             f"argument --out: cannot {what} {text!r} ({error.strerror or error}); expected a "
             "writable directory"
@@ -112,6 +117,22 @@ def prepare_out_dir(text: str, *, overwrite: bool) -> pathlib.Path:
             "pass --overwrite to replace them, or choose another directory"
         )
     return out
+
+
+def _probe_staging(out: pathlib.Path) -> None:
+    """Creates and removes what :func:`save_run` will: a staging directory in ``out`` with the
+    result file of the longest name in it, so that a path too long for the system (``PATH_MAX``),
+    like permissions, a read-only mount, ACLs or quotas, fails here and not after training.
+
+    Raises:
+      OSError: as creating them raised it.
+    """
+    # creating the files is the only sure test; the staging names are as long as save_run's
+    staging = pathlib.Path(tempfile.mkdtemp(dir=out, prefix=STAGING_PREFIX))
+    try:
+        (staging / max((*RESULT_FILES, MANIFEST), key=len)).write_bytes(b"")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def file_record(path: pathlib.Path) -> dict[str, Any]:
