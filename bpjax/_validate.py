@@ -203,6 +203,12 @@ def check_output(objective: _losses.Loss, layers: Sequence[Any], argname: str) -
     }.get(objective.name, ("", ""))
     if act is None and partner:
         hint += f", e.g. end the network with Dense(n_out, {partner!r})"
+    elif act is not None and _act.ACTIVATIONS.get(act.name) is not act:
+        # a user's activation states its range itself (its output defaults to real values)
+        accepted = " or ".join(repr(k) for k in sorted(objective.accepts))
+        hint += (
+            f"; an Activation of your own declares its range: Activation(..., output={accepted})"
+        )
     raise ValueError(
         f"{argname}: the loss {objective.name!r} is defined on outputs that are "
         f"{' or '.join(sorted(objective.accepts))} but {source} gives {kind} values{hint}."

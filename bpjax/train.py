@@ -573,6 +573,11 @@ def check_data(net: Serial, data: Dataset, name: str) -> None:
             f"{name}: the network's first layer ({type(net.layers[0]).__name__}) takes integer "
             "indices, but data sets hold float features; train it with make_train_step."
         )
+    if data.num_classes is None and np.ndim(data.y) != 2:
+        raise ValueError(
+            f"{name}: y of shape {np.shape(data.y)} with num_classes=None; expected class labels "
+            "(n,) with num_classes=K, or regression targets (n, n_L)."
+        )
     shape, out_shape = net.input_shape, net.output_shape
     size = math.prod(shape)
     if len(shape) == 1 and data.num_features != size:

@@ -423,3 +423,15 @@ def test_fit_names_a_bad_argument(kwargs, error, match):
 def test_learning_rate_that_is_not_a_number():
     with pytest.raises(TypeError, match="learning_rate: expected a positive number, got str"):
         bp.get_optimizer("sgd", "0.1")
+
+
+def test_an_activation_of_your_own_is_told_to_declare_its_range():
+    mine = bp.Activation(
+        "mysoftmax",
+        lambda z: jax.nn.softmax(z, axis=-1),
+        lambda z, a, g: a * (g - jnp.sum(g * a, -1, keepdims=True)),
+    )
+    with pytest.raises(ValueError, match=re.escape("Activation(..., output='simplex')")):
+        bp.MLP((3, 3), (mine,), "cross_entropy")
+    declared = bp.Activation("mysoftmax", mine.forward, mine.backward, output="simplex")
+    assert bp.MLP((3, 3), (declared,), "cross_entropy").objective.name == "cross_entropy"

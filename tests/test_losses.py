@@ -529,3 +529,11 @@ def test_fit_and_the_checkers_judge_concrete_labels_before_they_jit():
     for check in (bp.check_network, bp.check_mlp, bp.extend.check_curvature):
         with pytest.raises(ValueError, match=re.escape("y.ravel()[3] = 5")):
             check(net, params, jnp.asarray(x), jnp.asarray(bad))
+
+
+def test_a_dataset_of_labels_without_a_class_count_is_named():
+    net = bp.MLP((2, 4, 3), ("tanh", "softmax"), "cross_entropy")
+    x, y = np.zeros((8, 2), np.float32), np.arange(8, dtype=np.int32) % 3
+    with pytest.raises(ValueError, match=re.escape("train: y of shape (8,) with num_classes=None")):
+        bp.fit(net, net.init(jax.random.key(0)), bp.Dataset(x, y, None, "d"),
+               optimizer=bp.get_optimizer("sgd", 0.1), epochs=1, batch_size=4)  # fmt: skip
