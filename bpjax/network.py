@@ -32,6 +32,7 @@ from typing import Any, ClassVar, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bpjax import losses as _losses
 from bpjax._types import Array, Grads, PRNGKey
@@ -426,6 +427,10 @@ class Serial:
         Raises:
           ValueError: a label outside ``[0, n_out)``, naming ``y``, the range and the first one.
         """
+        if isinstance(y, (list, tuple)):  # as jnp.asarray reads them in the loss
+            if any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(y)):
+                return
+            y = np.asarray(y)
         if not self.objective.labels or not jnp.issubdtype(jnp.result_type(y), jnp.integer):
             return
         _losses.check_labels(y, self.output_shape[-1], loss=self.objective.name)

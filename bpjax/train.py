@@ -264,6 +264,8 @@ def loss_targets(net: Serial, y: Array) -> Array:
     other loss; float targets pass through. Concrete labels outside ``[0, n_L)`` raise
     ``ValueError``; traced ones become rows of NaN (:func:`bpjax.losses.one_hot_labels`).
     """
+    if isinstance(y, (list, tuple)):  # as jnp.asarray reads them in the loss
+        y = np.asarray(y)
     labels = jnp.ndim(y) == 1 and jnp.issubdtype(jnp.result_type(y), jnp.integer)
     if labels and net.objective.name != "cross_entropy":
         n_out = net.output_shape[-1]

@@ -537,3 +537,18 @@ def test_a_dataset_of_labels_without_a_class_count_is_named():
     with pytest.raises(ValueError, match=re.escape("train: y of shape (8,) with num_classes=None")):
         bp.fit(net, net.init(jax.random.key(0)), bp.Dataset(x, y, None, "d"),
                optimizer=bp.get_optimizer("sgd", 0.1), epochs=1, batch_size=4)  # fmt: skip
+
+
+def test_labels_as_a_python_list_work_wherever_net_loss_takes_them():
+    net = bp.MLP((3, 4, 3), ("tanh", "softmax"), "cross_entropy")
+    params, x = net.init(jax.random.key(0)), jax.random.normal(jax.random.key(1), (5, 3))
+    y = [0, 1, 2, 2, 0]
+    want = bp.extend.batch_grad(net, params, x, jnp.asarray(y))
+    for labels in (y, tuple(y)):
+        got = bp.extend.batch_grad(net, params, x, labels)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(g, w)  # the same program on the same int32 labels
+    step = bp.parallel.data_parallel(net, bp.parallel.device_mesh())
+    assert bool(jnp.isfinite(step(params, x, y)[0]))
+    with pytest.raises(ValueError, match=re.escape("y.ravel()[2] = 3")):
+        bp.extend.batch_grad(net, params, x, [0, 1, 3, 2, 0])
