@@ -415,7 +415,7 @@ class Serial:
             return y
         return targets(y, positions, n_out, out.dtype)
 
-    def check_labels(self, y: Any) -> None:
+    def check_labels(self, y: Any) -> Any:
         """Checks concrete integer class labels lie in ``[0, n_out)``, before any tracing.
 
         Every function that runs the network under its own ``jax.jit`` (:mod:`bpjax.extend`,
@@ -424,16 +424,20 @@ class Serial:
         an out-of-range one makes its example's loss and the gradients NaN, and
         :func:`bpjax.checked` raises on it.
 
+        Returns:
+          ``y``, a Python list or tuple of concrete values as one NumPy array.
+
         Raises:
           ValueError: a label outside ``[0, n_out)``, naming ``y``, the range and the first one.
         """
         if isinstance(y, (list, tuple)):  # as jnp.asarray reads them in the loss
             if any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(y)):
-                return
+                return y
             y = np.asarray(y)
         if not self.objective.labels or not jnp.issubdtype(jnp.result_type(y), jnp.integer):
-            return
+            return y
         _losses.check_labels(y, self.output_shape[-1], loss=self.objective.name)
+        return y
 
     def _last_z(self, cache: Cache) -> Array:
         """The last layer's ``z`` as ``(positions, n_out)`` rows (its output if it has none)."""

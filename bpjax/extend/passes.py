@@ -170,10 +170,7 @@ def compiled(
             for name in positive:
                 check_positive(bound.arguments[name], name)
             if "y" in bound.arguments:  # inside the jit the labels are traced: poisoned, unchecked
-                y = bound.arguments["y"]
-                if isinstance(y, (list, tuple)):  # one array, as net.loss reads it
-                    bound.arguments["y"] = np.asarray(y)
-                net.check_labels(bound.arguments["y"])
+                bound.arguments["y"] = net.check_labels(bound.arguments["y"])
                 return jitted(*bound.args, **bound.kwargs)
             return jitted(net, *args, **kwargs)
 

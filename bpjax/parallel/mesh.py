@@ -189,10 +189,7 @@ def checking_labels(net: Any, jitted: Any) -> Callable[..., Any]:
 
     @functools.wraps(jitted)
     def call(params: Any, x: Array, y: Array) -> Any:
-        if isinstance(y, (list, tuple)):  # one array, as net.loss reads it
-            y = np.asarray(y)
-        net.check_labels(y)
-        return jitted(params, x, y)
+        return jitted(params, x, net.check_labels(y))
 
     for name in ("lower", "trace", "eval_shape"):
         setattr(call, name, getattr(jitted, name))
