@@ -474,7 +474,11 @@ def _output_shape(net: Serial) -> tuple[int, ...]:
 
 def _keys_text(keys: Sequence[str]) -> str:
     quoted = [repr(k) for k in keys]
-    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+    if not quoted:
+        return "no keys"
+    if len(quoted) == 1:
+        return "keys " + quoted[0]
+    return "keys " + ", ".join(quoted[:-1]) + " and " + quoted[-1]
 
 
 def _param_problems(params: Any, expected: list[Any], per_layer: str) -> list[str]:
@@ -490,7 +494,7 @@ def _param_problems(params: Any, expected: list[Any], per_layer: str) -> list[st
         if isinstance(want, dict) and (not isinstance(got, dict) or set(got) != set(want)):
             have = sorted(got) if isinstance(got, dict) else type(got).__name__
             problems.append(
-                f"params[{l}]: expected a dict with keys {_keys_text(sorted(want))}, got {have}."
+                f"params[{l}]: expected a dict with {_keys_text(sorted(want))}, got {have}."
             )
             continue
         try:

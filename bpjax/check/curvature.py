@@ -22,7 +22,13 @@ from bpjax._types import Array, Params
 from bpjax.check.grads import least_precise
 from bpjax.check.report import CheckRow, GradCheckReport
 from bpjax.check.tolerance import compare, explicit_tolerance, measure
-from bpjax.extend.passes import check_like_params, check_net, forward, loss_from_z
+from bpjax.extend.passes import (
+    check_like_params,
+    check_net,
+    forward,
+    loss_from_output,
+    output_variable,
+)
 from bpjax.extend.second_order import diag_ggn, hvp
 
 __all__ = ["CURVATURE_REFERENCES", "check_curvature"]
@@ -49,17 +55,19 @@ def _reference_curvature(
         out["hvp"] = unravel(jax.hessian(loss)(flat) @ ravel_pytree(v)[0])
     if "diag_ggn" in which:
         fwd = forward(net, params, x, y)
-        y_checked = fwd.y
+        v0 = output_variable(net, fwd.cache)
+        batch, n = v0.shape[0], v0.shape[-1]
+        y_rows = fwd.y.reshape(batch, -1, *fwd.y.shape[1:])  # each example's target rows
 
-        def logits(theta: Array) -> Array:
+        def outputs(theta: Array) -> Array:
             _, cache = net.forward(unravel(theta), x)
-            return cache.layers[-1].z
+            return output_variable(net, cache).reshape(batch, -1)
 
-        def per_example(z_n: Array, y_n: Array) -> Array:
-            return loss_from_z(net, z_n[None], y_n[None])[0]
+        def per_example(v_n: Array, y_n: Array) -> Array:  # C_n: the mean over its positions
+            return jnp.mean(loss_from_output(net, v_n.reshape(-1, n), y_n))
 
-        jac = jax.jacobian(logits)(flat)  # (batch, n_L, P)
-        hess = jax.vmap(jax.hessian(per_example))(logits(flat), y_checked)  # (batch, n_L, n_L)
+        jac = jax.jacobian(outputs)(flat)  # (batch, P·n_L, P)
+        hess = jax.vmap(jax.hessian(per_example))(outputs(flat), y_rows)
         ggn = jnp.einsum("bkp,bkl,blq->pq", jac, hess, jac) / jnp.shape(x)[0]
         out["diag_ggn"] = unravel(jnp.diagonal(ggn))
     return out

@@ -188,7 +188,8 @@ def check_network(
       key: the PRNG key of a training-mode forward (layers with ``needs_key``, such as Dropout);
         the manual and the reference passes draw the same randomness from it.
       order: ``2`` adds the second-order rows (hvp and the GGN diagonal, as in
-        :func:`check_mlp`); for networks of Dense layers, which :mod:`bpjax.extend` covers.
+        :func:`check_mlp`), for any network (:mod:`bpjax.extend` covers every layer), in
+        evaluation mode.
         An MLP takes no ``key``.
       **kwargs: passed on to :func:`check_grads` (``rtol``, ``atol``, ``directions``, ``seed``,
         ``jit``, ``references``).
@@ -198,8 +199,9 @@ def check_network(
       MLP, whose report numbers its Dense layers as the maths does).
 
     Raises:
-      TypeError: ``net`` is not a network, an MLP is given a ``key``, ``order=2`` for a
-        network with layers other than Dense, ``backward`` is not callable, or ``manual`` or
+      TypeError: ``net`` is not a network, an MLP is given a ``key``, ``order=2`` with a
+        ``key`` (the curvature is checked in evaluation mode), ``backward`` is not callable,
+        or ``manual`` or
         ``reference`` is given (this check builds both from ``net``).
       ValueError: ``order`` is not 1 or 2.
 
@@ -232,12 +234,15 @@ def check_network(
             f"{type(net).__name__}."
         )
     if order == 2 and key is not None:
-        raise TypeError("key: order=2 checks networks of Dense layers, which draw no randomness.")
+        raise TypeError(
+            "key: order=2 checks the curvature in evaluation mode (no dropout); call "
+            "check_network without key, or with order=1 to check the training-mode gradients."
+        )
     if key is not None and isinstance(net, MLP):
         raise TypeError("key: an MLP draws no randomness; call check_network without key.")
     # while concrete: the checks below jit, and traced bad labels are NaN, which judges nothing
     net.check_labels(y)
-    # first, so that a network order 2 does not cover fails before the first-order work
+    # order 2 first: what it refuses (params, x, y) is reported before the first-order work
     second_order = _second_order_rows(order, net, params, x, y, kwargs)
     backward = net.backward if backward is None else backward
     wrap = jit_wrapper(kwargs.get("jit", True))

@@ -71,6 +71,7 @@ from bpjax.extend.first_order import (
 )
 from bpjax.extend.second_order import (
     KFACFactors,
+    batch_diag_ggn,
     diag_ggn,
     diag_ggn_mc,
     hvp,
@@ -84,6 +85,7 @@ from bpjax.extend.second_order import (
 __all__ = [
     "CURVATURE_REFERENCES",
     "KFACFactors",
+    "batch_diag_ggn",
     "batch_grad",
     "batch_l2_grad",
     "check_curvature",

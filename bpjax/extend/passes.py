@@ -1,11 +1,10 @@
 """What every :mod:`bpjax.extend` quantity shares: the checked net, the passes, the jit wrapper.
 
-A quantity of :mod:`bpjax.extend` is a contraction of the forward's per-layer inputs
-``a^{l-1}_n`` and the δ-recursion's per-example errors ``δ^l_n``; this module produces both
-through the network protocol of :mod:`bpjax.network` (``forward``, ``check_targets``,
-``output_error``, ``backprop``), so an :class:`~bpjax.MLP` and a :func:`~bpjax.serial` network of
-Dense layers take the one code path. :mod:`bpjax.check.curvature` and :mod:`bpjax.parallel` build
-on the same helpers.
+A quantity of :mod:`bpjax.extend` is built by the layers' extension rules
+(:mod:`bpjax.extend.rules`) from the forward's caches and the δ-recursion's per-example errors;
+this module produces both through the network protocol of :mod:`bpjax.network` (``forward``,
+``check_targets``, ``output_error``, ``backprop``), so every network takes the one code path.
+:mod:`bpjax.check.curvature` and :mod:`bpjax.parallel` build on the same helpers.
 """
 
 from __future__ import annotations
@@ -21,49 +20,49 @@ import numpy as np
 
 from bpjax import losses as _losses
 from bpjax._types import Array, Params
-from bpjax.layers import Dense, DenseCache
+from bpjax.layers import Conv2D, Dense, DenseCache
 from bpjax.network import Cache, OutputError
 
 __all__ = [
     "ForwardPass",
+    "check_dense_net",
     "check_like_params",
     "check_net",
     "check_positive",
     "compiled",
+    "curvature_at_z",
     "example_deltas",
     "factor_deltas",
     "forward",
+    "loss_from_output",
     "loss_from_z",
+    "output_variable",
 ]
 
 
 class ForwardPass(NamedTuple):
-    """The forward pass of a network of Dense layers, and the checked targets."""
+    """The forward pass of a network, and the checked targets."""
 
-    cache: Cache  # the network's cache: cache.layers[l-1] is DenseCache(a^{l-1}, z^l, a^l)
+    cache: Cache  # the network's cache: cache.layers[l-1] is layer l's own cache
     y: Array  # targets as the loss takes them (net.check_targets)
 
     @property
     def caches(self) -> list[DenseCache]:
-        """A :class:`~bpjax.layers.DenseCache` per layer: ``x: (batch, n_{l-1})``, z, a."""
+        """Each layer's cache (a :class:`~bpjax.layers.DenseCache` ``(x, z, a)`` for Dense)."""
         return self.cache.layers
 
     @property
     def z(self) -> Array:
-        """``z^L``, the output layer's weighted input, shape ``(batch, n_L)``."""
+        """``z^L``, the output layer's weighted input, shape ``(batch, ..., n_L)``."""
         return self.cache.layers[-1].z
 
 
-def check_net(net: Any, *, purpose: str = "bpjax.extend works on") -> tuple[Dense, ...]:
-    """``net``'s layers, or a ``TypeError`` unless it is a network of Dense layers on vectors.
-
-    Args:
-      net: the network to check.
-      purpose: how the message introduces the restriction (``"bpjax.extend works on"``).
+def check_net(net: Any) -> tuple[Any, ...]:
+    """``net``'s layers, or a ``TypeError`` unless it is a network (a :class:`bpjax.MLP` or a
+    :func:`bpjax.serial` network of any layers, a user's own included).
 
     Raises:
-      TypeError: ``net`` not a network, or one with a layer other than
-        :class:`~bpjax.layers.Dense` or inputs other than ``(batch, n_0)``.
+      TypeError: ``net`` not a network with layers, a loss and a forward.
     """
     layers = getattr(net, "layers", None)
     objective = getattr(net, "objective", None)
@@ -74,9 +73,24 @@ def check_net(net: Any, *, purpose: str = "bpjax.extend works on") -> tuple[Dens
         or not callable(getattr(net, "forward", None))
     ):
         raise TypeError(
-            f"net: expected a bpjax.MLP or a bpjax.serial network of bpjax.layers.Dense layers, "
-            f"got {type(net).__name__}."
+            f"net: expected a bpjax.MLP or a bpjax.serial network with a loss, got "
+            f"{type(net).__name__}."
         )
+    return layers
+
+
+def check_dense_net(net: Any, *, purpose: str) -> tuple[Dense, ...]:
+    """``net``'s layers, or a ``TypeError`` unless it is a network of Dense layers on vectors.
+
+    Args:
+      net: the network to check.
+      purpose: how the message introduces the restriction (``"tensor parallelism shards"``).
+
+    Raises:
+      TypeError: ``net`` not a network, or one with a layer other than
+        :class:`~bpjax.layers.Dense` or inputs other than ``(batch, n_0)``.
+    """
+    layers = check_net(net)
     bad = [
         f"layers[{i}] is {type(l).__name__}" for i, l in enumerate(layers) if type(l) is not Dense
     ]
@@ -180,10 +194,35 @@ def compiled(
 
 
 def forward(net: Any, params: Params, x: Array, y: Array) -> ForwardPass:
-    """``net.forward`` (which checks params and x) and ``net.check_targets``, for a Dense net."""
+    """``net.forward`` (which checks params and x) and ``net.check_targets``, for any network."""
     check_net(net)
     out, cache = net.forward(params, x)
     return ForwardPass(cache, net.check_targets(y, out))
+
+
+def curvature_at_z(net: Any) -> bool:
+    """Whether the curvature quantities take the loss Hessian at the last layer's ``z``.
+
+    True when the last layer is a :class:`~bpjax.layers.Dense` or
+    :class:`~bpjax.layers.Conv2D` (its output is ``f(z)`` elementwise, so the recursion can start
+    from an error at ``z``: the GGN of ``C`` as a function of ``z^L``); otherwise the Hessian is
+    taken at the network's output (the GGN of ``C`` as a function of the output).
+    """
+    return type(net.layers[-1]) in (Dense, Conv2D)
+
+
+def output_variable(net: Any, cache: Cache) -> Array:
+    """What the loss Hessian is taken at: the last ``z`` (:func:`curvature_at_z`) or the output,
+    shape ``(batch, ..., n_out)``."""
+    return cache.layers[-1].z if curvature_at_z(net) else cache.out
+
+
+def loss_from_output(net: Any, v: Array, y: Array) -> Array:
+    """The loss per row, shape ``(rows,)``, from rows ``v`` (``(rows, n_out)``) of
+    :func:`output_variable` and the rows of the checked targets ``y``."""
+    if curvature_at_z(net):
+        return net.output_loss(v, net.layers[-1].activation.forward(v), y)
+    return net.output_loss(v, v, y)
 
 
 def loss_from_z(net: Any, z: Array, y: Array) -> Array:
@@ -196,7 +235,7 @@ def loss_from_z(net: Any, z: Array, y: Array) -> Array:
 
 
 def example_deltas(net: Any, params: Params, fwd: ForwardPass) -> list[Array]:
-    """The per-example, unscaled ``δ^l_n`` of every layer, ``(batch, n_l)`` each.
+    """The per-example, unscaled error every layer records, ``(batch, ...)`` each.
 
     The δ-recursion (``net.backprop``) from ``net.output_error`` with every weight ``w_n = 1``.
     """
@@ -207,12 +246,16 @@ def example_deltas(net: Any, params: Params, fwd: ForwardPass) -> list[Array]:
 
 
 def factor_deltas(net: Any, params: Params, cache: Cache, factor: Array) -> list[Array]:
-    """Each column of ``factor`` (batch, n_L, k) sent down the δ-recursion: L × (k, batch, n_l).
+    """Each column of ``factor`` (``(batch, ..., n_out, k)``) sent down the δ-recursion: per
+    layer ``(k, batch, ...)``.
 
-    Every column ``s_{n,c}`` is handed to ``net.backprop`` as the output layer's ``δ^L``.
+    Every column is handed to ``net.backprop`` as the error at :func:`output_variable`: the last
+    layer's ``δ`` (:func:`curvature_at_z`), or the error at the output.
     """
+    at_z = curvature_at_z(net)
 
     def down(column: Array) -> list[Array]:
-        return net.backprop(params, cache, OutputError(None, column))[1]
+        start = OutputError(None, column) if at_z else OutputError(column, None)
+        return net.backprop(params, cache, start)[1]
 
-    return jax.vmap(down, in_axes=2)(factor)
+    return jax.vmap(down, in_axes=factor.ndim - 1)(factor)

@@ -22,21 +22,26 @@ from bpjax import activations as _act
 from bpjax import losses as _losses
 from bpjax._types import Array, Grads, Params, PRNGKey, is_int
 from bpjax._validate import check_key
+from bpjax.extend import rules
 from bpjax.extend.passes import (
     ForwardPass,
+    check_dense_net,
     check_like_params,
     check_net,
     check_positive,
     compiled,
+    curvature_at_z,
     example_deltas,
     factor_deltas,
     forward,
-    loss_from_z,
+    loss_from_output,
+    output_variable,
 )
-from bpjax.layers import DenseCache
 
 __all__ = [
     "KFACFactors",
+    "batch_diag_ggn",
+    "column_weights",
     "curvature_deltas",
     "diag_ggn",
     "diag_ggn_mc",
@@ -57,47 +62,77 @@ class KFACFactors(NamedTuple):
     G: Array  # (n_l, n_l): (1/B) Σ_n Σ_c d_{n,c} δ^l_{n,c} (δ^l_{n,c})ᵀ
 
 
-def loss_hessian_factor(net: Any, z: Array, y: Array) -> tuple[Array, Array | None]:
-    """A factor ``S_n D_n S_nᵀ = H_n = ∂²C_n/∂(z^L_n)²`` of the loss Hessian at the output.
-
-    Closed form for the canonical pairs (the table of :mod:`bpjax.extend`); every other pair by
-    ``jax.hessian`` of the per-example loss in ``z^L_n`` and its eigendecomposition.
-
-    Args:
-      net: a :class:`bpjax.MLP` or a serial network of Dense layers.
-      z: the output weighted input ``z^L``, shape ``(batch, n_L)``.
-      y: targets as the loss takes them (checked ones: integer labels or ``(batch, n_L)``).
-
-    Returns:
-      ``(S, signs)``: ``S`` of shape ``(batch, n_L, k)`` and ``signs`` of shape ``(batch, k)``
-      with the ±1 of ``D_n``, or ``None`` when ``D_n = I`` (the canonical pairs).
-    """
-    check_net(net)
-    act, loss = net.layers[-1].activation, net.objective
-    n = z.shape[-1]
-    eye = jnp.eye(n, dtype=z.dtype)
-    if (act, loss) == (_act.identity, _losses.squared_error):
-        return jnp.broadcast_to(eye, (z.shape[0], n, n)), None
-    if (act, loss) == (_act.sigmoid, _losses.binary_cross_entropy):
-        p = jax.nn.sigmoid(z)
+def _row_factor(net: Any, v: Array, y: Array) -> tuple[Array, Array | None]:
+    """A factor of each row's loss Hessian: ``v`` ``(rows, n)``, ``y`` the rows of the targets."""
+    n = v.shape[-1]
+    eye = jnp.eye(n, dtype=v.dtype)
+    pair = (net.layers[-1].activation, net.objective) if curvature_at_z(net) else None
+    if pair == (_act.identity, _losses.squared_error):
+        return jnp.broadcast_to(eye, (v.shape[0], n, n)), None
+    if pair == (_act.sigmoid, _losses.binary_cross_entropy):
+        p = jax.nn.sigmoid(v)
         return jnp.sqrt(p * (1 - p))[:, :, None] * eye, None
-    if (act, loss) == (_act.softmax, _losses.cross_entropy):
-        p = jax.nn.softmax(z, axis=-1)
+    if pair == (_act.softmax, _losses.cross_entropy):
+        p = jax.nn.softmax(v, axis=-1)
         sqrt_p = jnp.sqrt(p)
         factor = sqrt_p[:, :, None] * eye - p[:, :, None] * sqrt_p[:, None, :]
         if y.ndim == 2:  # H = (Σ_j y_j)(diag p − p pᵀ) for a target vector
             factor = factor * jnp.sqrt(jnp.sum(y, axis=-1))[:, None, None]
         else:  # H does not depend on a label, but C_n is undefined for one out of range: NaN
-            factor = factor * _losses.label_poison(y, n, z.dtype)[:, None, None]
+            factor = factor * _losses.label_poison(y, n, v.dtype)[:, None, None]
         return factor, None
 
-    def one(z_n: Array, y_n: Array) -> Array:
-        return loss_from_z(net, z_n[None], y_n[None])[0]
+    def one(v_r: Array, y_r: Array) -> Array:
+        return loss_from_output(net, v_r[None], y_r[None])[0]
 
-    hess = jax.vmap(jax.hessian(one))(z, y)
+    hess = jax.vmap(jax.hessian(one))(v, y)
     hess = 0.5 * (hess + jnp.swapaxes(hess, 1, 2))
     eigvals, eigvecs = jnp.linalg.eigh(hess)
     return eigvecs * jnp.sqrt(jnp.abs(eigvals))[:, None, :], jnp.sign(eigvals)
+
+
+def _by_example(
+    factor: Array, signs: Array | None, shape: tuple[int, ...]
+) -> tuple[Array, Array | None]:
+    """Rows' factors ``(batch·P, n, k)`` as each example's: ``(batch, ..., n, P·k)``.
+
+    ``C_n = (1/P) Σ_p ℓ_p`` over its ``P`` output positions, so ``H_n`` is block diagonal with
+    blocks ``H_p / P``; its factor has a column ``(q, c)`` per position and row column, equal to
+    ``s_{p,c} / √P`` at position ``q = p`` and 0 elsewhere. For ``P = 1``, ``factor`` itself.
+    """
+    batch, n = shape[0], shape[-1]
+    positions = factor.shape[0] // batch
+    k = factor.shape[-1]
+    if positions == 1:
+        return factor.reshape(*shape, k), signs
+    f = factor.reshape(batch, positions, n, k)
+    eye = jnp.eye(positions, dtype=factor.dtype)
+    f = jnp.einsum("bpnc,pq->bpnqc", f, eye) / jnp.sqrt(jnp.asarray(positions, factor.dtype))
+    f = f.reshape(*shape, positions * k)
+    return f, None if signs is None else signs.reshape(batch, positions * k)
+
+
+def loss_hessian_factor(net: Any, z: Array, y: Array) -> tuple[Array, Array | None]:
+    """A factor ``S_n D_n S_nᵀ = H_n`` of the loss Hessian at the output.
+
+    ``H_n = ∂²C_n/∂v_n²`` at the output variable ``v`` (:func:`~bpjax.extend.passes.
+    output_variable`: ``z^L`` after a Dense or Conv2D layer, else the network's output).
+    Closed form for the canonical pairs (the table of :mod:`bpjax.extend`); every other pair by
+    ``jax.hessian`` of the loss of each output position and its eigendecomposition. Outputs with
+    ``P`` positions (``(batch, ..., n_L)``) get a block-diagonal factor with ``P·n_L`` columns.
+
+    Args:
+      net: a :class:`bpjax.MLP` or a :func:`bpjax.serial` network.
+      z: the output variable, shape ``(batch, ..., n_L)`` (``(batch, n_L)`` for an MLP).
+      y: targets as ``net.check_targets`` returns them (one row per output position).
+
+    Returns:
+      ``(S, signs)``: ``S`` of shape ``(batch, ..., n_L, k)`` and ``signs`` of shape
+      ``(batch, k)`` with the ±1 of ``D_n``, or ``None`` when ``D_n = I`` (the canonical pairs).
+    """
+    check_net(net)
+    factor, signs = _row_factor(net, z.reshape(-1, z.shape[-1]), y)
+    return _by_example(factor, signs, z.shape)
 
 
 def curvature_deltas(
@@ -106,10 +141,10 @@ def curvature_deltas(
     """The loss-Hessian factor's columns sent down the δ-recursion, and its signs.
 
     Returns:
-      ``(deltas, signs)``: per layer ``δ^l_{n,c}`` of shape ``(k, batch, n_l)``, and ``signs`` as
-      :func:`loss_hessian_factor` returns them.
+      ``(deltas, signs)``: per layer the error it records from each column, ``(k, batch, ...)``,
+      and ``signs`` as :func:`loss_hessian_factor` returns them.
     """
-    factor, signs = loss_hessian_factor(net, fwd.z, fwd.y)
+    factor, signs = loss_hessian_factor(net, output_variable(net, fwd.cache), fwd.y)
     return factor_deltas(net, params, fwd.cache, factor), signs
 
 
@@ -121,29 +156,41 @@ def signed_square_sum(deltas_c: Array, signs: Array | None) -> Array:
     return jnp.sum(sq, axis=0)
 
 
-def _diag_from_factor_deltas(
-    column_deltas: Sequence[Array], signs: Array | None, caches: Sequence[DenseCache]
+def column_weights(signs: Array | None, k: int, batch: int, dtype: Any) -> Array:
+    """``w_{c,n} = d_{n,c} / B``, shape ``(k, batch)``: the GGN's weights of the squared columns."""
+    if signs is None:
+        return jnp.full((k, batch), 1 / batch, dtype)
+    return signs.T.astype(dtype) / batch
+
+
+def _ggn_sums(
+    net: Any, params: Params, fwd: ForwardPass, per_example: bool, factor: Any = None
 ) -> Grads:
-    out = []
-    for d, c in zip(column_deltas, caches, strict=True):
-        batch = c.x.shape[0]
-        d2 = signed_square_sum(d, signs)
-        out.append({"W": d2.T @ (c.x * c.x) / batch, "b": jnp.sum(d2, axis=0) / batch})
-    return out
+    records = rules.records(net, params, fwd.cache)
+    if factor is None:
+        column_deltas, signs = curvature_deltas(net, params, fwd)
+    else:
+        column_deltas, signs = factor_deltas(net, params, fwd.cache, factor), None
+    k, batch = column_deltas[0].shape[:2]
+    weights = column_weights(signs, k, batch, column_deltas[0].dtype)
+    rule = rules.example_square_sums if per_example else rules.square_sum
+    return [rule(r, d, weights) for r, d in zip(records, column_deltas, strict=True)]
 
 
 @compiled()
 def diag_ggn(net: Any, params: Params, x: Array, y: Array) -> Grads:
     """The exact diagonal of the generalised Gauss-Newton matrix ``(1/B) Σ_n J_nᵀ H_n J_n``.
 
-    ``J_n = ∂z^L_n/∂θ`` and ``H_n = ∂²C_n/∂(z^L_n)²``. With ``H_n = S_n D_n S_nᵀ``
+    ``J_n = ∂v_n/∂θ`` and ``H_n = ∂²C_n/∂v_n²`` at the output variable ``v`` (``z^L`` after a
+    Dense or Conv2D layer, else the output). With ``H_n = S_n D_n S_nᵀ``
     (:func:`loss_hessian_factor`), each column ``s_{n,c}`` goes down the δ-recursion as an output
-    error, giving ``δ^l_{n,c}``, and
+    error, and each layer's rule (:mod:`bpjax.extend.rules`) squares the gradient it gives::
 
-        diag(GGN)_{W^l} = (1/B) Σ_n Σ_c d_{n,c} (δ^l_{n,c} ∘ δ^l_{n,c}) (a^{l-1}_n ∘ a^{l-1}_n)ᵀ
-        diag(GGN)_{b^l} = (1/B) Σ_n Σ_c d_{n,c} δ^l_{n,c} ∘ δ^l_{n,c}
+        diag(GGN) = (1/B) Σ_n Σ_c d_{n,c} (g_{n,c})²,   g_{n,c} = J_nᵀ s_{n,c}
 
-    One recursion per column of ``S`` (``k = n_L``), without the weight-gradient products.
+    For a Dense layer on vectors ``g_{n,c} = δ^l_{n,c} (a^{l-1}_n)ᵀ``, so
+    ``diag(GGN)_{W^l} = (1/B) Σ_n Σ_c d_{n,c} (δ^l_{n,c} ∘ δ^l_{n,c}) (a^{l-1}_n ∘ a^{l-1}_n)ᵀ``.
+    One recursion per column of ``S`` (``k = n_L`` per output position).
 
     Args:
       net, params, x, y: as for :func:`~bpjax.extend.batch_grad`.
@@ -159,36 +206,54 @@ def diag_ggn(net: Any, params: Params, x: Array, y: Array) -> Grads:
       >>> bool(d[1]["b"][0] == 1.0)  # identity + ½‖y − z‖²: ∂z^L/∂b^L = I, H = I
       True
     """
-    fwd = forward(net, params, x, y)
-    column_deltas, signs = curvature_deltas(net, params, fwd)
-    return _diag_from_factor_deltas(column_deltas, signs, fwd.caches)
+    return _ggn_sums(net, params, forward(net, params, x, y), per_example=False)
 
 
-def _sampled_factor(net: Any, z: Array, y: Array, key: PRNGKey, samples: int) -> Array:
-    """``(batch, n_L, samples)``: ``∂C_n(ŷ, z)/∂z`` for targets ``ŷ`` drawn from the model."""
-    act, loss = net.layers[-1].activation, net.objective
-    batch, n = z.shape
-    shape = (samples, batch, n)
-    if (act, loss) == (_act.identity, _losses.squared_error):
-        g = jax.random.normal(key, shape, z.dtype)  # ŷ ~ N(z, I): z − ŷ = −ε
-    elif (act, loss) == (_act.sigmoid, _losses.binary_cross_entropy):
-        p = jax.nn.sigmoid(z)
-        g = p - jax.random.bernoulli(key, p, shape).astype(z.dtype)
-    elif (act, loss) == (_act.softmax, _losses.cross_entropy):
-        p = jax.nn.softmax(z, axis=-1)
-        labels = jax.random.categorical(key, z, axis=-1, shape=(samples, batch))
-        g = p - jax.nn.one_hot(labels, n, dtype=z.dtype)
+@compiled()
+def batch_diag_ggn(net: Any, params: Params, x: Array, y: Array) -> Grads:
+    """Each example's share of :func:`diag_ggn`: ``(1/B) Σ_c d_{n,c} (g_{n,c})²`` per example.
+
+    The diagonal of ``(1/B) J_nᵀ H_n J_n``, BackPACK's ``BatchDiagGGNExact`` convention: the
+    sum over the batch axis is :func:`diag_ggn`. No per-example gradient is materialised for a
+    Dense layer on vectors (``(Σ_c d δ_c²) ⊗ a²`` per example).
+
+    Args:
+      net, params, x, y: as for :func:`~bpjax.extend.batch_grad`.
+
+    Returns:
+      Like params, every leaf with a leading batch axis ``(batch, *leaf)``.
+    """
+    return _ggn_sums(net, params, forward(net, params, x, y), per_example=True)
+
+
+def _sampled_factor(net: Any, v: Array, y: Array, key: PRNGKey, samples: int) -> Array:
+    """``(rows, n_L, samples)``: ``∂ℓ(ŷ, v)/∂v`` for targets ``ŷ`` drawn from the model."""
+    pair = (net.layers[-1].activation, net.objective) if curvature_at_z(net) else None
+    rows, n = v.shape
+    shape = (samples, rows, n)
+    if pair == (_act.identity, _losses.squared_error):
+        g = jax.random.normal(key, shape, v.dtype)  # ŷ ~ N(z, I): z − ŷ = −ε
+    elif pair == (_act.sigmoid, _losses.binary_cross_entropy):
+        p = jax.nn.sigmoid(v)
+        g = p - jax.random.bernoulli(key, p, shape).astype(v.dtype)
+    elif pair == (_act.softmax, _losses.cross_entropy):
+        p = jax.nn.softmax(v, axis=-1)
+        labels = jax.random.categorical(key, v, axis=-1, shape=(samples, rows))
+        g = p - jax.nn.one_hot(labels, n, dtype=v.dtype)
         if y.ndim == 2:
             g = g * jnp.sqrt(jnp.sum(y, axis=-1))[:, None]
         else:  # as in loss_hessian_factor: NaN for an example whose label is out of range
-            g = g * _losses.label_poison(y, n, z.dtype)[:, None]
+            g = g * _losses.label_poison(y, n, v.dtype)[:, None]
     else:
+        act = getattr(net.layers[-1], "activation", None)
+        got = f"{act.name!r} + " if act is not None else f"a {type(net.layers[-1]).__name__} + "
         raise ValueError(
             f"net: diag_ggn_mc samples targets from the model's likelihood, which only the "
-            f"canonical pairs define (softmax + cross_entropy, sigmoid + binary_cross_entropy, "
-            f"identity + squared_error); got {act.name!r} + {loss.name!r}. Use diag_ggn."
+            f"canonical pairs after a Dense or Conv2D layer define (softmax + cross_entropy, "
+            f"sigmoid + binary_cross_entropy, identity + squared_error); got {got}"
+            f"{net.objective.name!r}. Use diag_ggn."
         )
-    return jnp.moveaxis(g, 0, 2) / jnp.sqrt(jnp.asarray(samples, z.dtype))
+    return jnp.moveaxis(g, 0, 2) / jnp.sqrt(jnp.asarray(samples, v.dtype))
 
 
 @compiled(static_argnames=("mc_samples",))
@@ -200,7 +265,8 @@ def diag_ggn_mc(
     For a canonical pair ``H_n = E_{ŷ ~ p(·|z^L_n)}[g gᵀ]`` with ``g = ∂C_n(ŷ, z)/∂z^L_n``
     (``p − onehot(ŷ)``, ``ŷ ~ Categorical(p)``; ``p − ŷ``, ``ŷ ~ Bernoulli(p)``; ``z − ŷ``,
     ``ŷ ~ N(z, I)``), so ``S_n = [g_1 … g_M] / √M`` is an unbiased factor (the empirical Fisher
-    would use the true ``y`` instead). The rest is :func:`diag_ggn` with ``k = M`` columns.
+    would use the true ``y`` instead). The rest is :func:`diag_ggn` with ``k = M`` columns (per
+    output position).
 
     Args:
       net, params, x, y: as for :func:`~bpjax.extend.batch_grad`; ``y`` is only checked (and
@@ -219,9 +285,10 @@ def diag_ggn_mc(
         raise ValueError(f"mc_samples: expected a positive integer, got {mc_samples!r}.")
     check_key(key)
     fwd = forward(net, params, x, y)
-    factor = _sampled_factor(net, fwd.z, fwd.y, key, mc_samples)
-    column_deltas = factor_deltas(net, params, fwd.cache, factor)
-    return _diag_from_factor_deltas(column_deltas, None, fwd.caches)
+    v = output_variable(net, fwd.cache)
+    rows = _sampled_factor(net, v.reshape(-1, v.shape[-1]), fwd.y, key, mc_samples)
+    factor, _ = _by_example(rows, None, v.shape)
+    return _ggn_sums(net, params, fwd, per_example=False, factor=factor)
 
 
 @compiled()
@@ -239,7 +306,12 @@ def kfac_factors(net: Any, params: Params, x: Array, y: Array) -> list[KFACFacto
 
     Returns:
       One :class:`KFACFactors` per layer.
+
+    Raises:
+      TypeError: a network with layers other than Dense on ``(batch, n_0)`` inputs (KFAC's
+        Kronecker structure is this layer's; the diagonal quantities take any network).
     """
+    check_dense_net(net, purpose="kfac_factors has Kronecker factors for")
     fwd = forward(net, params, x, y)
     column_deltas, signs = curvature_deltas(net, params, fwd)
     out = []
@@ -366,20 +438,19 @@ def hvp(net: Any, params: Params, x: Array, y: Array, v: Params) -> Grads:
 def _jacobian_factor(
     net: Any, params: Params, x: Array, y: Array
 ) -> tuple[Array, Array | None, Array]:
-    """``(M, signs, g)``: ``M = S_nᵀ J_n`` rows of shape ``(batch·k, P)`` and the flat gradient."""
+    """``(M, signs, g)``: ``M = S_nᵀ J_n`` rows of shape ``(k·batch, P)`` and the flat gradient."""
     fwd = forward(net, params, x, y)
+    records = rules.records(net, params, fwd.cache)
     column_deltas, signs = curvature_deltas(net, params, fwd)
     k, batch = column_deltas[0].shape[:2]
     blocks = []
-    for d, c in zip(column_deltas, fwd.caches, strict=True):
-        # per (column, example) the gradient rows in ravel_pytree's order: W (row-major), then b
-        w = d[:, :, :, None] * c.x[None, :, None, :]
-        blocks += [w.reshape(k * batch, -1), d.reshape(k * batch, -1)]
+    for r, d in zip(records, column_deltas, strict=True):
+        # per (column, example) the gradient rows in ravel_pytree's order (the params' leaves)
+        grads = jax.vmap(lambda e, r=r: rules.example_grads(r, e))(d)
+        blocks += [leaf.reshape(k * batch, -1) for leaf in jax.tree.leaves(grads)]
     deltas = example_deltas(net, params, fwd)
-    grads = [
-        {"W": d.T @ c.x / batch, "b": jnp.sum(d, axis=0) / batch}
-        for d, c in zip(deltas, fwd.caches, strict=True)
-    ]
+    mean = jnp.full(batch, 1 / batch, deltas[0].dtype)
+    grads = [rules.weighted_grads(r, e, mean) for r, e in zip(records, deltas, strict=True)]
     flat_signs = None if signs is None else signs.T.reshape(k * batch)
     return jnp.concatenate(blocks, axis=1), flat_signs, ravel_pytree(grads)[0]
 
@@ -391,12 +462,12 @@ def levenberg_marquardt_step(
     """One damped Gauss-Newton (Levenberg–Marquardt) step: ``θ + Δ``, ``(GGN + λI) Δ = −∇_θ C``.
 
     ``GGN = (1/B) Σ_n J_nᵀ H_n J_n = (1/B) Mᵀ D M`` with the rows of ``M`` the per-example,
-    per-column ``s_{n,c}ᵀ J_n = [vec(δ^l_{n,c} (a^{l-1}_n)ᵀ), δ^l_{n,c}]_l``, built by the
-    δ-recursion (:func:`diag_ggn`'s backpropagated loss-Hessian factor). For identity + squared
-    error this is the classical Gauss-Newton ``JᵀJ/B``. The ``P × P`` system (``P`` the number of
-    parameters) is formed and solved densely: for small networks (``P`` up to a few thousand).
-    For a non-canonical output pair the GGN may be indefinite; ``λ`` must then exceed its most
-    negative eigenvalue.
+    per-column ``s_{n,c}ᵀ J_n`` (for a Dense layer ``[vec(δ^l_{n,c} (a^{l-1}_n)ᵀ), δ^l_{n,c}]_l``;
+    any layer by its ``example_grads`` rule), built by the δ-recursion (:func:`diag_ggn`'s
+    backpropagated loss-Hessian factor). For identity + squared error this is the classical
+    Gauss-Newton ``JᵀJ/B``. The ``P × P`` system (``P`` the number of parameters) is formed and
+    solved densely: for small networks (``P`` up to a few thousand). For a non-canonical output
+    pair the GGN may be indefinite; ``λ`` must then exceed its most negative eigenvalue.
 
     Args:
       net, params, x, y: as for :func:`~bpjax.extend.batch_grad`.

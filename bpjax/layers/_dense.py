@@ -15,6 +15,12 @@ from bpjax.layers._init import (
     truncated_normal_weight,
     weight_grad,
 )
+from bpjax.layers._outer import (
+    example_outer,
+    example_outer_sq_norms,
+    example_outer_square_sums,
+    outer_square_sum,
+)
 
 __all__ = ["Dense", "DenseCache"]
 
@@ -102,3 +108,47 @@ class Dense:
     ) -> tuple[dict[str, Array], Array]:
         """From ``dy = ∂C/∂a``: ``δ = J_fᵀ dy``, then :meth:`backward_delta`."""
         return self.backward_delta(params, cache, self.delta(cache, dy))
+
+    # -- extension rules (bpjax.extend.rules): g_n = Σ_t δ_{n,t} x_{n,t}ᵀ over the positions t ----
+
+    def example_grads(
+        self, params: dict[str, Array], cache: DenseCache, delta: Array
+    ) -> dict[str, Array]:
+        """``∇W_n = Σ_t δ_{n,t} x_{n,t}ᵀ``, ``∇b_n = Σ_t δ_{n,t}``: ``(batch, n_out, n_in)``,
+        ``(batch, n_out)``."""
+        d, x = _rows(delta), _rows(cache.x)
+        return {"W": example_outer(d, x), "b": jnp.sum(d, axis=1)}
+
+    def example_sq_norms(
+        self, params: dict[str, Array], cache: DenseCache, delta: Array
+    ) -> dict[str, Array]:
+        """``‖∇W_n‖²`` (``‖δ_n‖²‖x_n‖²`` on vectors, else the cheaper of the Gram form and the
+        materialised ``∇W_n``) and ``‖∇b_n‖²``, each ``(batch,)``."""
+        d, x = _rows(delta), _rows(cache.x)
+        return {"W": example_outer_sq_norms(d, x), "b": jnp.sum(jnp.sum(d, axis=1) ** 2, axis=-1)}
+
+    def square_sum(
+        self, params: dict[str, Array], cache: DenseCache, deltas: Array, weights: Array
+    ) -> dict[str, Array]:
+        """``Σ_c Σ_n w_{c,n} (∇θ_{c,n})²``; on vectors ``(Σ_c w δ_c²)ᵀ x²``, one product."""
+        d, x = _column_rows(deltas), _rows(cache.x)
+        bias = jnp.einsum("cb,cbm->m", weights, jnp.sum(d, axis=2) ** 2)
+        return {"W": outer_square_sum(d, x, weights), "b": bias}
+
+    def example_square_sums(
+        self, params: dict[str, Array], cache: DenseCache, deltas: Array, weights: Array
+    ) -> dict[str, Array]:
+        """``Σ_c w_{c,n} (∇θ_{c,n})²`` per example: ``(batch, n_out, n_in)``, ``(batch, n_out)``."""
+        d, x = _column_rows(deltas), _rows(cache.x)
+        bias = jnp.einsum("cb,cbm->bm", weights, jnp.sum(d, axis=2) ** 2)
+        return {"W": example_outer_square_sums(d, x, weights), "b": bias}
+
+
+def _rows(v: Array) -> Array:
+    """``(batch, ..., n)`` as ``(batch, P, n)``: the positions between batch and features."""
+    return v.reshape(v.shape[0], -1, v.shape[-1])
+
+
+def _column_rows(v: Array) -> Array:
+    """``(k, batch, ..., n)`` as ``(k, batch, P, n)``."""
+    return v.reshape(v.shape[0], v.shape[1], -1, v.shape[-1])

@@ -18,9 +18,15 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from bpjax._types import Array, Params
-from bpjax.extend.first_order import batch_grad, batch_l2_grad, sum_grad_squared_of
-from bpjax.extend.passes import check_net, example_deltas, forward
-from bpjax.extend.second_order import KFACFactors, curvature_deltas, signed_square_sum
+from bpjax.extend import rules
+from bpjax.extend.first_order import batch_grad, batch_l2_grad, variance_from_sums
+from bpjax.extend.passes import check_dense_net, check_net, example_deltas, forward
+from bpjax.extend.second_order import (
+    KFACFactors,
+    batch_diag_ggn,
+    column_weights,
+    curvature_deltas,
+)
 from bpjax.network import Serial
 from bpjax.parallel.mesh import (
     check_global_batch,
@@ -39,6 +45,7 @@ __all__ = [
 ]
 
 DATA_PARALLEL_QUANTITIES = (
+    "batch_diag_ggn",
     "batch_grad",
     "batch_l2_grad",
     "diag_ggn",
@@ -138,45 +145,44 @@ def data_parallel(
 def _local_quantity(
     net: Any, quantity: str, batch: int, params: Params, x: Array, y: Array, mask: Array, axis: str
 ) -> Any:
-    """One shard's contribution to ``quantity``, all-reduced over ``axis`` where it is a sum."""
+    """One shard's contribution to ``quantity``, all-reduced over ``axis`` where it is a sum.
+
+    The layers' rules (:mod:`bpjax.extend.rules`) take per-example weights: the padding rows
+    get weight 0, so they add nothing to a sum, and per-example quantities keep them (dropped
+    after the gather).
+    """
     if quantity == "batch_grad":
         return batch_grad(net, params, x, y)
     if quantity == "batch_l2_grad":
         return batch_l2_grad(net, params, x, y)
+    if quantity == "batch_diag_ggn":
+        # each example's share is (1/B_local) Σ_c ...: rescale to the global batch's 1/B
+        share = batch_diag_ggn(net, params, x, y)
+        return jax.tree.map(lambda v: v * (mask.shape[0] / batch), share)
     fwd = forward(net, params, x, y)
+    records = rules.records(net, params, fwd.cache)
     if quantity in ("sum_grad_squared", "variance"):
-        deltas = example_deltas(net, params, fwd)
-        sgs = jax.lax.psum(
-            sum_grad_squared_of([d * mask[:, None] for d in deltas], fwd.caches), axis
-        )
+        errors = example_deltas(net, params, fwd)
+        pairs = zip(records, errors, strict=True)
+        sgs = jax.lax.psum([rules.square_sum(r, e[None], mask[None]) for r, e in pairs], axis)
         if quantity == "sum_grad_squared":
             return sgs
-        mean = [
-            {"W": (d * mask[:, None]).T @ c.x / batch, "b": jnp.sum(d * mask[:, None], 0) / batch}
-            for d, c in zip(deltas, fwd.caches, strict=True)
-        ]
-        mean = jax.lax.psum(mean, axis)
-        return [
-            {k: s[k] / batch - m[k] ** 2 for k in ("W", "b")}
-            for s, m in zip(sgs, mean, strict=True)
-        ]
+        grad_sum = [rules.weighted_grads(r, e, mask) for r, e in zip(records, errors, strict=True)]
+        return variance_from_sums(sgs, jax.lax.psum(grad_sum, axis), batch)
     column_deltas, signs = curvature_deltas(net, params, fwd)
+    k = column_deltas[0].shape[0]
+    weights = column_weights(signs, k, mask.shape[0], mask.dtype) * mask[None, :]
+    weights = weights * (mask.shape[0] / batch)  # 1/B of the whole batch, not the shard's
     if quantity == "diag_ggn":
-        out = []
-        for d, c in zip(column_deltas, fwd.caches, strict=True):
-            d2 = signed_square_sum(d, signs) * mask[:, None]
-            out.append({"W": d2.T @ (c.x * c.x) / batch, "b": jnp.sum(d2, axis=0) / batch})
+        out = [rules.square_sum(r, d, weights) for r, d in zip(records, column_deltas, strict=True)]
         return jax.lax.psum(out, axis)
-    # kfac_factors
+    # kfac_factors (Dense layers on vectors, checked by data_parallel_extend)
     factors = []
     for d, c in zip(column_deltas, fwd.caches, strict=True):
         rows = c.x.shape[0]
         a_bar = jnp.concatenate([c.x, jnp.ones((rows, 1), c.x.dtype)], axis=1)
-        weighted = d * mask[None, :, None]
-        if signs is not None:
-            weighted = weighted * signs.T[:, :, None]
-        k = d.shape[0]
-        g = weighted.reshape(k * rows, -1).T @ d.reshape(k * rows, -1) / batch
+        weighted = d * weights[:, :, None]
+        g = weighted.reshape(k * rows, -1).T @ d.reshape(k * rows, -1)
         a = (a_bar * mask[:, None]).T @ a_bar / batch
         factors.append(KFACFactors(A=a, G=g))
     return jax.lax.psum(factors, axis)
@@ -187,19 +193,21 @@ def data_parallel_extend(
 ) -> Callable[[Params, Array, Array], Any]:
     """A jitted ``(params, x, y) -> quantity`` of :mod:`bpjax.extend`, the batch split on a mesh.
 
-    The batch sums reduce as the gradient does: each shard computes its rows' sum from its own
-    ``δ^l_n`` and ``a^{l-1}_n`` with padding rows masked out, then ``psum`` over ``axis``::
+    The batch sums reduce as the gradient does: each shard computes its rows' sum by the layers'
+    own rules (:mod:`bpjax.extend.rules`, the same as :mod:`bpjax.extend`'s) with weight 0 on
+    its padding rows, then ``psum`` over ``axis``::
 
-        sum_grad_squared  psum_d (δ_d ∘ δ_d)ᵀ (a_d ∘ a_d)
-        variance          psum_d(Σ_n (∇C_n)²)/B − (psum_d(Σ_n ∇C_n)/B)²
-        diag_ggn          psum_d Σ_{n∈d} Σ_c d_{n,c} (δ^l_{n,c})² (a^{l-1}_n)²ᵀ / B
+        sum_grad_squared  psum_d Σ_{n∈d} (g_n)²
+        variance          max(0, psum_d(Σ_n (g_n)²)/B − (psum_d(Σ_n g_n)/B)²)
+        diag_ggn          psum_d Σ_{n∈d} Σ_c d_{n,c} (g_{n,c})² / B
         kfac_factors      A = psum_d Σ_{n∈d} ā_n ā_nᵀ / B,  G = psum_d Σ_{n∈d} Σ_c d_{n,c} δ δᵀ / B
 
-    The per-example ``batch_grad`` and ``batch_l2_grad`` need no collective: they stay sharded
-    over ``axis`` on their batch axis, padding rows dropped.
+    The per-example ``batch_grad``, ``batch_l2_grad`` and ``batch_diag_ggn`` need no
+    collective: they stay sharded over ``axis`` on their batch axis, padding rows dropped.
 
     Args:
-      net: a :class:`bpjax.MLP` or a serial network of Dense layers (as :mod:`bpjax.extend`).
+      net: a :class:`bpjax.MLP` or a :func:`bpjax.serial` network of any layers
+        (``kfac_factors``: Dense layers on vectors, as :func:`bpjax.extend.kfac_factors`).
       mesh: a :class:`jax.sharding.Mesh`.
       quantity: one of :data:`DATA_PARALLEL_QUANTITIES`.
       axis: the mesh axis the batch is split over.
@@ -209,7 +217,7 @@ def data_parallel_extend(
 
     Raises:
       ValueError: an unknown ``quantity`` or ``axis``.
-      TypeError: ``net`` not a network of Dense layers.
+      TypeError: ``net`` not a network (``kfac_factors``: not one of Dense layers).
     """
     check_net(net)
     shards = check_mesh_axis(mesh, axis, "axis")
@@ -217,7 +225,9 @@ def data_parallel_extend(
         raise ValueError(
             f"quantity: expected one of {', '.join(DATA_PARALLEL_QUANTITIES)}, got {quantity!r}."
         )
-    per_example = quantity in ("batch_grad", "batch_l2_grad")
+    if quantity == "kfac_factors":
+        check_dense_net(net, purpose="kfac_factors has Kronecker factors for")
+    per_example = quantity in ("batch_grad", "batch_l2_grad", "batch_diag_ggn")
     out_spec = P(axis) if per_example else P()
 
     def run(params: Params, x: Array, y: Array) -> Any:

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from bpjax import activations as _act
 from bpjax._types import Array, Grads, Params
-from bpjax.extend.passes import check_net
+from bpjax.extend.passes import check_dense_net as _check_dense
 from bpjax.layers import Dense
 from bpjax.network import Serial
 from bpjax.parallel.mesh import (
@@ -48,7 +48,7 @@ def check_dense_net(net: Any) -> tuple[Dense, ...]:
             f"net: tensor parallelism shards Dense layers: expected a bpjax.MLP or a bpjax.serial "
             f"network of bpjax.layers.Dense layers, got {type(net).__name__}."
         )
-    return check_net(net, purpose="tensor parallelism shards")
+    return _check_dense(net, purpose="tensor parallelism shards")
 
 
 def sharded_layers(net: Any, model: int) -> tuple[bool, ...]:

@@ -1,0 +1,95 @@
+"""Per-example sums of outer products: the closed forms the weight layers' extension rules share.
+
+A weight layer's gradient for one example is a sum over its positions ``t`` (none for a Dense
+layer on vectors, the time steps of a sequence, the output pixels of a convolution) of outer
+products of the error ``δ_{n,t}`` (``m`` entries) and the input ``a_{n,t}`` (``n`` entries, a
+convolution's unfolded patch)::
+
+    g_n = Σ_t δ_{n,t} a_{n,t}ᵀ                                   shape (m, n)
+
+:class:`~bpjax.layers.Dense`, :class:`~bpjax.layers.Conv2D`, :class:`~bpjax.layers.Elman` and
+:class:`~bpjax.layers.LSTM` reshape their error and input to ``(batch, P, m)`` and ``(batch, P, n)``
+and call these functions from their extension rules (the protocol is in :mod:`bpjax.extend.rules`).
+
+The squared norm ``‖g_n‖²_F`` has two forms: materialising ``g_n`` costs ``P·m·n`` multiply-adds
+and ``m·n`` memory per example; the Gram form
+``Σ_{t,t'} (δ_t·δ_{t'}) (a_t·a_{t'})`` costs ``P²·(m + n)`` and ``P²`` memory. The cheaper is
+taken, the Gram form when ``P·(m + n) < m·n`` (for ``P = 1`` both are ``‖δ‖²‖a‖²``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from bpjax._types import Array
+
+__all__ = [
+    "example_outer",
+    "example_outer_sq_norms",
+    "example_outer_square_sums",
+    "outer_square_sum",
+    "use_gram",
+]
+
+
+def use_gram(positions: int, m: int, n: int) -> bool:
+    """Whether the Gram form of ``‖Σ_t δ_t a_tᵀ‖²`` is cheaper: ``P·(m + n) < m·n``."""
+    return positions > 1 and positions * (m + n) < m * n
+
+
+def example_outer(delta: Array, a: Array) -> Array:
+    """``g_n = Σ_t δ_{n,t} a_{n,t}ᵀ``: ``(batch, P, m)``, ``(batch, P, n)`` -> ``(batch, m, n)``."""
+    return jnp.einsum("bpm,bpn->bmn", delta, a)
+
+
+def example_outer_sq_norms(delta: Array, a: Array) -> Array:
+    """``‖g_n‖²_F``, shape ``(batch,)``, by the cheaper of the two forms (module docstring)."""
+    _, positions, m = delta.shape
+    n = a.shape[-1]
+    if positions == 1:
+        return jnp.sum(delta[:, 0] ** 2, axis=-1) * jnp.sum(a[:, 0] ** 2, axis=-1)
+    if use_gram(positions, m, n):
+        gram_delta = jnp.einsum("bpm,bqm->bpq", delta, delta)
+        gram_a = jnp.einsum("bpn,bqn->bpq", a, a)
+        return jnp.sum(gram_delta * gram_a, axis=(1, 2))
+    return jnp.sum(example_outer(delta, a) ** 2, axis=(1, 2))
+
+
+def outer_square_sum(deltas: Array, a: Array, weights: Array) -> Array:
+    """``Σ_c Σ_n w_{c,n} (g_{c,n})²`` elementwise, shape ``(m, n)``.
+
+    Args:
+      deltas: ``(k, batch, P, m)``: ``k`` errors per example (columns of a loss-Hessian factor,
+        or ``k = 1`` for the gradient itself).
+      a: ``(batch, P, n)``: the inputs, shared by the columns.
+      weights: ``(k, batch)``: ``w_{c,n}`` (``1``; ``±1/B`` for a GGN; ``0`` on padding rows).
+
+    For ``P = 1`` the square of ``δ aᵀ`` factorises, ``(Σ_c w δ_c²)ᵀ a²``: one product. Otherwise
+    each column's ``g_{c,n}`` is materialised in turn (``batch·m·n`` memory at a time).
+    """
+    if deltas.shape[2] == 1:
+        d2 = jnp.einsum("cb,cbm->bm", weights, deltas[:, :, 0] ** 2)
+        return d2.T @ (a[:, 0] ** 2)
+
+    def add(total: Array, column: tuple[Array, Array]) -> tuple[Array, None]:
+        delta, w = column
+        return total + jnp.einsum("b,bmn->mn", w, example_outer(delta, a) ** 2), None
+
+    zero = jnp.zeros((deltas.shape[-1], a.shape[-1]), jnp.result_type(deltas, a))
+    return jax.lax.scan(add, zero, (deltas, weights))[0]
+
+
+def example_outer_square_sums(deltas: Array, a: Array, weights: Array) -> Array:
+    """``Σ_c w_{c,n} (g_{c,n})²`` per example, shape ``(batch, m, n)``; arguments as for
+    :func:`outer_square_sum`."""
+    if deltas.shape[2] == 1:
+        d2 = jnp.einsum("cb,cbm->bm", weights, deltas[:, :, 0] ** 2)
+        return d2[:, :, None] * (a[:, 0] ** 2)[:, None, :]
+
+    def add(total: Array, column: tuple[Array, Array]) -> tuple[Array, None]:
+        delta, w = column
+        return total + w[:, None, None] * example_outer(delta, a) ** 2, None
+
+    zero = jnp.zeros((a.shape[0], deltas.shape[-1], a.shape[-1]), jnp.result_type(deltas, a))
+    return jax.lax.scan(add, zero, (deltas, weights))[0]
