@@ -19,18 +19,37 @@ taken, the Gram form when ``P·(m + n) < m·n`` (for ``P = 1`` both are ``‖δ�
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
 from bpjax._types import Array
 
 __all__ = [
+    "column_sum",
     "example_outer",
     "example_outer_sq_norms",
     "example_outer_square_sums",
     "outer_square_sum",
     "use_gram",
 ]
+
+
+def column_sum(term: Callable[[Array, Array], Any], deltas: Array, weights: Array) -> Any:
+    """``Σ_c term(deltas[c], weights[c])``, a pytree sum, one column in memory at a time.
+
+    The first column starts the sum and ``lax.scan`` adds the others, so the total carries the
+    columns' own sharding (under ``shard_map`` a zero start would be replicated while the terms
+    vary over the data axis).
+    """
+    first = term(deltas[0], weights[0])
+
+    def add(total: Any, column: tuple[Array, Array]) -> tuple[Any, None]:
+        return jax.tree.map(jnp.add, total, term(*column)), None
+
+    return jax.lax.scan(add, first, (deltas[1:], weights[1:]))[0]
 
 
 def use_gram(positions: int, m: int, n: int) -> bool:
@@ -72,12 +91,9 @@ def outer_square_sum(deltas: Array, a: Array, weights: Array) -> Array:
         d2 = jnp.einsum("cb,cbm->bm", weights, deltas[:, :, 0] ** 2)
         return d2.T @ (a[:, 0] ** 2)
 
-    def add(total: Array, column: tuple[Array, Array]) -> tuple[Array, None]:
-        delta, w = column
-        return total + jnp.einsum("b,bmn->mn", w, example_outer(delta, a) ** 2), None
-
-    zero = jnp.zeros((deltas.shape[-1], a.shape[-1]), jnp.result_type(deltas, a))
-    return jax.lax.scan(add, zero, (deltas, weights))[0]
+    return column_sum(
+        lambda delta, w: jnp.einsum("b,bmn->mn", w, example_outer(delta, a) ** 2), deltas, weights
+    )
 
 
 def example_outer_square_sums(deltas: Array, a: Array, weights: Array) -> Array:
@@ -87,9 +103,6 @@ def example_outer_square_sums(deltas: Array, a: Array, weights: Array) -> Array:
         d2 = jnp.einsum("cb,cbm->bm", weights, deltas[:, :, 0] ** 2)
         return d2[:, :, None] * (a[:, 0] ** 2)[:, None, :]
 
-    def add(total: Array, column: tuple[Array, Array]) -> tuple[Array, None]:
-        delta, w = column
-        return total + w[:, None, None] * example_outer(delta, a) ** 2, None
-
-    zero = jnp.zeros((a.shape[0], deltas.shape[-1], a.shape[-1]), jnp.result_type(deltas, a))
-    return jax.lax.scan(add, zero, (deltas, weights))[0]
+    return column_sum(
+        lambda delta, w: w[:, None, None] * example_outer(delta, a) ** 2, deltas, weights
+    )
