@@ -298,3 +298,45 @@ def test_a_cache_leaf_without_a_batch_axis_of_its_own_is_refused(x64):
     with pytest.raises(TypeError, match=r"layer 0 .* batch axis cannot be found"):
         bx.batch_grad(net, params, x, y)
     assert jnp.isfinite(net.loss(params, x, y))  # the network itself is fine
+
+
+def test_kfc_factors_are_exact_for_one_example_at_one_position(x64):
+    """A conv whose one window covers the image: for B = 1 the GGN block of W̄ is G ⊗ A exactly
+    (row-major W̄[o, (c, i, j)] = W[i, j, c, o], then b), as for the Dense layer after it."""
+    net = bp.serial(
+        L.Conv2D(2, 3, activation="tanh"), L.Flatten(), L.Dense(3, "softmax"),
+        loss="cross_entropy", input_shape=(3, 3, 2),
+    )  # fmt: skip
+    rng = np.random.default_rng(4)
+    params = jax.tree.map(
+        lambda p: p + 0.1 * rng.normal(size=p.shape), net.init(jax.random.key(1), jnp.float64)
+    )
+    x, y = jnp.asarray(rng.normal(size=(1, 3, 3, 2))), jnp.array([2])
+    rows, unravel = _ggn_rows(net, params, x, y)
+    index = unravel(jnp.arange(rows.shape[1], dtype=jnp.float64))
+    conv_w = jnp.transpose(index[0]["W"], (3, 2, 0, 1)).reshape(2, -1)
+    layouts = [
+        jnp.concatenate([conv_w, index[0]["b"][:, None]], axis=1),
+        jnp.concatenate([index[2]["W"], index[2]["b"][:, None]], axis=1),
+    ]
+    factors = bx.kfac_factors(net, params, x, y)
+    assert factors[1] is None  # Flatten has no params
+    for layout, f in zip(layouts, (factors[0], factors[2]), strict=True):
+        perm = layout.ravel().astype(int)
+        _close(jnp.kron(f.G, f.A), rows[0][perm][:, perm], "G ⊗ A")
+    # the preconditioner reads and writes the HWIO kernel in the same layout
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+    got = bx.kfac_precondition(grads, factors, damping=0.3)
+    flat_grads = jax.flatten_util.ravel_pytree(grads)[0]
+    flat_got = jax.flatten_util.ravel_pytree(got)[0]
+    for layout, f in zip(layouts, (factors[0], factors[2]), strict=True):
+        perm = layout.ravel().astype(int)
+        damped = jnp.kron(f.G + 0.3 * jnp.eye(len(f.G)), f.A + 0.3 * jnp.eye(len(f.A)))
+        _close(flat_got[perm], jnp.linalg.solve(damped, flat_grads[perm]), "precondition")
+    _close(got[1], grads[1], "no params")
+
+
+def test_kfac_names_a_layer_without_kronecker_factors(x64):
+    net, params, x, y = _data("cnn")
+    with pytest.raises(TypeError, match=r"layer 3 \(Residual\) has params but no Kronecker"):
+        bx.kfac_factors(net, params, x, y)

@@ -56,7 +56,8 @@ them in closed form beside their backward; any other layer, a user's
 The curvature is taken at ``z^L`` after a Dense or Conv2D output layer and at the network's
 output otherwise; an output with ``P`` positions has a block-diagonal ``H_n`` (``C_n`` is the mean
 over them) with ``P·n_L`` factor columns. :func:`batch_diag_ggn` is each example's share of
-:func:`diag_ggn`. :func:`kfac_factors` needs Dense layers on vectors.
+:func:`diag_ggn`. :func:`kfac_factors` has Kronecker factors for Dense and Conv2D layers (KFC,
+over the unfolded patches).
 
 Every function takes ``(net, params, x, y, ...)``: ``net`` a :class:`bpjax.MLP` or a
 :func:`bpjax.serial` network of any layers (it is hashable: pass it as a static argument,

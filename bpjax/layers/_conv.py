@@ -30,6 +30,7 @@ from bpjax.layers._outer import (
     example_outer,
     example_outer_sq_norms,
     example_outer_square_sums,
+    kfac_outer,
     outer_square_sum,
 )
 
@@ -325,6 +326,15 @@ class Conv2D:
         g = example_outer_square_sums(d, self._patches(cache.x), weights)
         bias = jnp.einsum("cb,cbm->bm", weights, jnp.sum(d, axis=2) ** 2)
         return {"W": self._as_kernel(g, cache.x.shape[-1]), "b": bias}
+
+    def kfac_factors(
+        self, params: dict[str, Array], cache: Conv2DCache, deltas: Array, weights: Array
+    ) -> tuple[Array, Array]:
+        """KFC (Grosse & Martens 2016): KFAC's ``(A, G)`` over the unfolded patches ``u``, for
+        ``W̄ = [W̃ | b]`` with ``W̃[o, (c, i, j)] = W[i, j, c, o]``: ``A`` of size
+        ``C_in k_h k_w + 1`` (the mean over positions), ``G`` of size ``features`` (the sum)."""
+        d = deltas.reshape(*deltas.shape[:2], -1, deltas.shape[-1])
+        return kfac_outer(d, self._patches(cache.x), weights)
 
     def _check_input(self, params: dict[str, Array], x: Array) -> None:
         """At trace time: ``x`` is ``(batch, H, W, C_in)`` with ``W``'s ``C_in``, and fits."""

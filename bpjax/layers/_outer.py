@@ -32,6 +32,7 @@ __all__ = [
     "example_outer",
     "example_outer_sq_norms",
     "example_outer_square_sums",
+    "kfac_outer",
     "outer_square_sum",
     "use_gram",
 ]
@@ -106,3 +107,25 @@ def example_outer_square_sums(deltas: Array, a: Array, weights: Array) -> Array:
     return column_sum(
         lambda delta, w: w[:, None, None] * example_outer(delta, a) ** 2, deltas, weights
     )
+
+
+def kfac_outer(deltas: Array, a: Array, weights: Array) -> tuple[Array, Array]:
+    """KFAC's Kronecker factors of ``W̄ = [W | b]`` for ``g = Σ_t δ_t [a_t; 1]ᵀ``.
+
+    ``A = (1/(B·P)) Σ_{n,t} ā_{n,t} ā_{n,t}ᵀ`` with ``ā = [a; 1]`` (``(n + 1, n + 1)``) and
+    ``G = Σ_c Σ_n w_{c,n} Σ_t δ_{c,n,t} δ_{c,n,t}ᵀ`` (``(m, m)``). For ``P = 1``, and one example,
+    ``G ⊗ A`` is the GGN block of ``W̄`` exactly (``w = d/B``); with positions it is KFC's
+    approximation (Grosse & Martens 2016: the positions' errors uncorrelated, the statistics the
+    same at every position), ``E[Σ_{t,t'} δ_t δ_{t'}ᵀ ⊗ ā_t ā_{t'}ᵀ] ≈ (Σ_t δ_t δ_tᵀ) ⊗
+    mean_t(ā_t ā_tᵀ)``.
+
+    Args:
+      deltas: ``(k, batch, P, m)``.
+      a: ``(batch, P, n)``.
+      weights: ``(k, batch)``.
+    """
+    batch, positions = a.shape[:2]
+    a_bar = jnp.concatenate([a, jnp.ones((*a.shape[:2], 1), a.dtype)], axis=-1)
+    factor_a = jnp.einsum("bpi,bpj->ij", a_bar, a_bar) / (batch * positions)
+    factor_g = jnp.einsum("cb,cbpm,cbpk->mk", weights, deltas, deltas)
+    return factor_a, factor_g
