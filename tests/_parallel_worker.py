@@ -19,6 +19,7 @@ import time
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -68,6 +69,27 @@ def _data(name: str, batch: int, dtype: str):
     else:
         y = rng.normal(size=(batch, *in_shape[:-1], widths[-1])).astype(dtype)
     return net, params, x, y
+
+
+CNN = bp.serial(
+    bp.layers.Conv2D(3, 3, padding="SAME", activation="tanh"),
+    bp.layers.MaxPool2D(2),
+    bp.layers.LayerNorm(),
+    bp.layers.Flatten(),
+    Dense(3, "softmax"),
+    loss="cross_entropy",
+    input_shape=(4, 4, 2),
+)
+
+
+def _cnn_data(batch: int):
+    """The CNN's params (biases made non-zero) and seeded numpy data."""
+    rng = np.random.default_rng(batch)
+    params = CNN.init(jax.random.key(batch), jnp.float64)
+    params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape), params)
+    x = rng.normal(size=(batch, 4, 4, 2))
+    y = rng.integers(0, 3, size=batch).astype(np.int32)
+    return CNN, params, x, y
 
 
 _REFS: dict = {}
@@ -178,8 +200,10 @@ def main() -> int:
     for name, quantities in (
         ("mlp", parallel.DATA_PARALLEL_QUANTITIES),
         ("mlp_generic", ("kfac_factors",)),  # signed factors of an indefinite H_n
+        # every quantity but KFAC (Dense only) through the layers' rules, B = 13 on 4 shards
+        ("cnn", tuple(q for q in parallel.DATA_PARALLEL_QUANTITIES if q != "kfac_factors")),
     ):
-        net, params, x, y = _data(name, 13, "float64")
+        net, params, x, y = _cnn_data(13) if name == "cnn" else _data(name, 13, "float64")
         sharded = {q: parallel.data_parallel_extend(net, mesh(4), q) for q in quantities}
         # one compile for all quantities each way: the jitted functions inline
         got = jax.jit(_all_of(sharded))(params, x, y)

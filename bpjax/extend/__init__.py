@@ -46,13 +46,27 @@ Second order: :func:`hvp` is forward mode (``jax.jvp``) over the hand-written ba
 ``∇²C v`` costs about two backward passes; :func:`levenberg_marquardt_step` solves the damped
 Gauss-Newton system with the per-example Jacobian built by the same recursion.
 
-Every function takes ``(net, params, x, y, ...)``: ``net`` a :class:`bpjax.MLP` or a
-:func:`bpjax.serial` network made only of :class:`bpjax.layers.Dense` layers (it is hashable: pass
-it as a static argument, ``jax.jit(batch_grad, static_argnums=0)``, or close over it), params a list
-with one ``{"W": (n_l, n_{l-1}), "b": (n_l,)}`` per layer, ``x`` of shape ``(batch, n_0)`` and ``y``
-as ``net.loss`` takes it. All of them run under ``jax.jit`` and ``jax.vmap``.
+Every layer, not only Dense. The tables above write the Dense layer's closed forms; every
+quantity is built from four per-layer **extension rules** (:mod:`bpjax.extend.rules`):
+per-example gradients ``g_n``, their squared norms, and the weighted sums of their squares over
+examples and loss-Hessian columns, with and without the sum over examples. ``Dense``, ``Conv2D``
+(a Dense layer on unfolded patches), ``Elman``, ``LSTM``, ``Embedding`` and ``LayerNorm`` define
+them in closed form beside their backward; any other layer, a user's
+:class:`~bpjax.layers.Layer` included, gets its own backward under ``jax.vmap`` over the batch.
+The curvature is taken at ``z^L`` after a Dense or Conv2D output layer and at the network's
+output otherwise; an output with ``P`` positions has a block-diagonal ``H_n`` (``C_n`` is the mean
+over them) with ``P·n_L`` factor columns. :func:`batch_diag_ggn` is each example's share of
+:func:`diag_ggn`. :func:`kfac_factors` has Kronecker factors for Dense and Conv2D layers (KFC,
+over the unfolded patches).
 
-The modules: :mod:`bpjax.extend.first_order` (the per-example quantities of the first table),
+Every function takes ``(net, params, x, y, ...)``: ``net`` a :class:`bpjax.MLP` or a
+:func:`bpjax.serial` network of any layers (it is hashable: pass it as a static argument,
+``jax.jit(batch_grad, static_argnums=0)``, or close over it), params as from ``net.init``,
+``x`` of shape ``(batch, *input_shape)`` and ``y`` as ``net.loss`` takes it. All of them run
+under ``jax.jit`` and ``jax.vmap``, in evaluation mode (no dropout key).
+
+The modules: :mod:`bpjax.extend.rules` (the per-layer rules and the generic one),
+:mod:`bpjax.extend.first_order` (the per-example quantities of the first table),
 :mod:`bpjax.extend.second_order` (the curvature and second order) and :mod:`bpjax.extend.passes`
 (the forward pass and δ-recursions they share). The order-2 harness that checks :func:`hvp` and
 :func:`diag_ggn` against explicit matrices is :func:`bpjax.check.curvature.check_curvature`.

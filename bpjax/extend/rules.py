@@ -4,9 +4,11 @@ For any layer, example ``n``'s gradient ``∇_θ C_n`` is the layer's own backwa
 example's row of the error the δ-recursion recorded at the layer (``δ = ∂C_n/∂z`` for a layer
 with a weighted input, ``∂C_n/∂y`` at its output otherwise) and of its cache. Every quantity of
 :mod:`bpjax.extend` is built from four rules, each of which a layer may define beside its
-backward (a closed form); a layer without one, a user's :class:`~bpjax.layers.Layer` included,
-gets the **generic rule**: its ``backward`` (or ``backward_delta``) under ``jax.vmap`` over the
-batch, one example at a time::
+backward (a closed form). A layer without ``example_grads``, a user's
+:class:`~bpjax.layers.Layer` included, gets the **generic rule**: its ``backward`` (or
+``backward_delta``) under ``jax.vmap`` over the batch, one example at a time; the other three
+rules, where a layer does not define them, are computed from its ``example_grads`` (its own or
+the generic one)::
 
     example_grads(params, cache, error)                -> like params, leaves (batch, *leaf)
         g_n = ∇_θ C_n
@@ -42,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from bpjax._types import Array
+from bpjax.layers import column_sum
 
 __all__ = [
     "RULES",
@@ -162,13 +165,17 @@ def _generic_example_grads(record: LayerRecord, error: Array) -> Any:
     return jax.vmap(one, in_axes=(list(record.axes), 0))(leaves, error)
 
 
+def _example_grads(record: LayerRecord, error: Array) -> Any:
+    if has_rule(record.layer, "example_grads"):
+        return record.layer.example_grads(record.params, record.cache, error)
+    return _generic_example_grads(record, error)
+
+
 def example_grads(record: LayerRecord, error: Array) -> Any:
     """``g_n = ∇_θ C_n`` for every example: like params, leaves ``(batch, *leaf)``."""
     if not _has_params(record.params):
         return record.params
-    if has_rule(record.layer, "example_grads"):
-        return record.layer.example_grads(record.params, record.cache, error)
-    return _generic_example_grads(record, error)
+    return _example_grads(record, error)
 
 
 def example_sq_norms(record: LayerRecord, error: Array) -> Any:
@@ -177,7 +184,7 @@ def example_sq_norms(record: LayerRecord, error: Array) -> Any:
         return record.params
     if has_rule(record.layer, "example_sq_norms"):
         return record.layer.example_sq_norms(record.params, record.cache, error)
-    grads = _generic_example_grads(record, error)
+    grads = _example_grads(record, error)
     return jax.tree.map(lambda g: jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1), grads)
 
 
@@ -189,14 +196,11 @@ def square_sum(record: LayerRecord, errors: Array, weights: Array) -> Any:
     if has_rule(record.layer, "square_sum"):
         return record.layer.square_sum(record.params, record.cache, errors, weights)
 
-    def add(total: Any, column: tuple[Array, Array]) -> tuple[Any, None]:
-        error, w = column
-        grads = _generic_example_grads(record, error)
-        step = jax.tree.map(lambda g: jnp.tensordot(w.astype(g.dtype), g * g, axes=1), grads)
-        return jax.tree.map(jnp.add, total, step), None
+    def term(error: Array, w: Array) -> Any:
+        grads = _example_grads(record, error)
+        return jax.tree.map(lambda g: jnp.tensordot(w.astype(g.dtype), g * g, axes=1), grads)
 
-    zero = jax.tree.map(jnp.zeros_like, record.params)
-    return jax.lax.scan(add, zero, (errors, weights))[0]
+    return column_sum(term, errors, weights)
 
 
 def example_square_sums(record: LayerRecord, errors: Array, weights: Array) -> Any:
@@ -206,14 +210,7 @@ def example_square_sums(record: LayerRecord, errors: Array, weights: Array) -> A
     if has_rule(record.layer, "example_square_sums"):
         return record.layer.example_square_sums(record.params, record.cache, errors, weights)
 
-    def add(total: Any, column: tuple[Array, Array]) -> tuple[Any, None]:
-        error, w = column
-        grads = _generic_example_grads(record, error)
-        step = jax.tree.map(lambda g: _scale_rows(g * g, w), grads)
-        return jax.tree.map(jnp.add, total, step), None
+    def term(error: Array, w: Array) -> Any:
+        return jax.tree.map(lambda g: _scale_rows(g * g, w), _example_grads(record, error))
 
-    batch = errors.shape[1]
-    zero = jax.tree.map(
-        lambda p: jnp.zeros((batch, *jnp.shape(p)), jnp.result_type(p)), record.params
-    )
-    return jax.lax.scan(add, zero, (errors, weights))[0]
+    return column_sum(term, errors, weights)

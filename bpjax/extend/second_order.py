@@ -25,7 +25,6 @@ from bpjax._validate import check_key
 from bpjax.extend import rules
 from bpjax.extend.passes import (
     ForwardPass,
-    check_dense_net,
     check_like_params,
     check_net,
     check_positive,
@@ -58,7 +57,7 @@ __all__ = [
 class KFACFactors(NamedTuple):
     """One layer's Kronecker factors; ``A ⊗ G`` approximates its GGN block (see kfac_factors)."""
 
-    A: Array  # (n_{l-1} + 1, n_{l-1} + 1): (1/B) Σ_n ā_n ā_nᵀ, ā = [a^{l-1}; 1]
+    A: Array  # (n_{l-1} + 1, n_{l-1} + 1): (1/B) Σ_n ā_n ā_nᵀ, ā = [a^{l-1}; 1] (conv: patches)
     G: Array  # (n_l, n_l): (1/B) Σ_n Σ_c d_{n,c} δ^l_{n,c} (δ^l_{n,c})ᵀ
 
 
@@ -292,7 +291,7 @@ def diag_ggn_mc(
 
 
 @compiled()
-def kfac_factors(net: Any, params: Params, x: Array, y: Array) -> list[KFACFactors]:
+def kfac_factors(net: Any, params: Params, x: Array, y: Array) -> list[KFACFactors | None]:
     """Per layer the Kronecker factors ``A^l`` and ``G^l`` of the KFAC approximation of the GGN.
 
     ``A^l = (1/B) Σ_n ā_n ā_nᵀ`` with ``ā_n = [a^{l-1}_n; 1]`` and
@@ -301,28 +300,61 @@ def kfac_factors(net: Any, params: Params, x: Array, y: Array) -> list[KFACFacto
     ``(n_l, n_{l-1} + 1)``, flattened row-major (``W̄.ravel()``), the GGN block is approximated by
     ``G ⊗ A`` (``A ⊗ G`` for the column-major ``vec``); exact for a batch of one example.
 
+    A :class:`~bpjax.layers.Conv2D` layer gets KFC's factors (Grosse & Martens 2016) over its
+    unfolded patches, ``A`` the mean over output positions and ``G`` the sum, for
+    ``W̃[o, (c, i, j)] = W[i, j, c, o]``; a Dense layer on inputs with positions, the same. A
+    layer without params gets ``None``.
+
     Args:
       net, params, x, y: as for :func:`~bpjax.extend.batch_grad`.
 
     Returns:
-      One :class:`KFACFactors` per layer.
+      One :class:`KFACFactors` (or ``None``) per layer.
 
     Raises:
-      TypeError: a network with layers other than Dense on ``(batch, n_0)`` inputs (KFAC's
-        Kronecker structure is this layer's; the diagonal quantities take any network).
+      TypeError: a layer with params and no Kronecker factors (only Dense and Conv2D have them;
+        the diagonal quantities take any layer).
     """
-    check_dense_net(net, purpose="kfac_factors has Kronecker factors for")
+    check_net(net)
+    for i, layer in enumerate(net.layers):
+        if not callable(getattr(layer, "kfac_factors", None)) and _has_params(params[i]):
+            raise TypeError(
+                f"net: kfac_factors: layer {i} ({type(layer).__name__}) has params but no "
+                "Kronecker factors (Dense and Conv2D have them); use diag_ggn or "
+                "batch_diag_ggn for such a network."
+            )
     fwd = forward(net, params, x, y)
     column_deltas, signs = curvature_deltas(net, params, fwd)
-    out = []
-    for d, c in zip(column_deltas, fwd.caches, strict=True):
-        batch = c.x.shape[0]
-        a_bar = jnp.concatenate([c.x, jnp.ones((batch, 1), c.x.dtype)], axis=1)
-        weighted = d if signs is None else d * signs.T[:, :, None]
-        k = d.shape[0]
-        g = weighted.reshape(k * batch, -1).T @ d.reshape(k * batch, -1) / batch
-        out.append(KFACFactors(A=a_bar.T @ a_bar / batch, G=g))
+    k, batch = column_deltas[0].shape[:2]
+    weights = column_weights(signs, k, batch, column_deltas[0].dtype)
+    out: list[KFACFactors | None] = []
+    for layer, p, c, d in zip(net.layers, params, fwd.cache.layers, column_deltas, strict=True):
+        if not _has_params(p):
+            out.append(None)
+        else:
+            out.append(KFACFactors(*layer.kfac_factors(p, c, d, weights)))
     return out
+
+
+def _has_params(params: Any) -> bool:
+    return bool(jax.tree.leaves(params))
+
+
+def _as_matrix(grads: dict[str, Array]) -> Array:
+    """``[∇W | ∇b]`` as ``(m, n + 1)``: a Conv2D kernel HWIO as ``W̃[o, (c, i, j)]``."""
+    w = grads["W"]
+    if w.ndim == 4:  # (k_h, k_w, C_in, features) -> (features, C_in·k_h·k_w)
+        w = jnp.transpose(w, (3, 2, 0, 1)).reshape(w.shape[3], -1)
+    return jnp.concatenate([w, grads["b"][:, None]], axis=1)
+
+
+def _from_matrix(m: Array, like: dict[str, Array]) -> dict[str, Array]:
+    w = like["W"]
+    w_part = m[:, :-1]
+    if w.ndim == 4:
+        kh, kw, c_in, f = w.shape
+        w_part = jnp.transpose(w_part.reshape(f, c_in, kh, kw), (2, 3, 1, 0))
+    return {"W": w_part, "b": m[:, -1]}
 
 
 def _damped_cholesky(m: Array, damping: Any) -> tuple[Array, bool]:
@@ -331,10 +363,14 @@ def _damped_cholesky(m: Array, damping: Any) -> tuple[Array, bool]:
     return jax.scipy.linalg.cho_factor(m + jnp.asarray(damping, m.dtype) * eye, lower=True)
 
 
-def kfac_precondition(grads: Grads, factors: Sequence[KFACFactors], *, damping: float) -> Grads:
+def kfac_precondition(
+    grads: Grads, factors: Sequence[KFACFactors | None], *, damping: float
+) -> Grads:
     """``(G + λI)^{-1} ∇W̄ (A + λI)^{-1}`` per layer, ``∇W̄ = [∇W | ∇b]`` (``(n_l, n_{l-1} + 1)``).
 
     The inverse of the damped KFAC approximation ``(G + λI) ⊗ (A + λI)`` applied to the gradient.
+    A Conv2D kernel is read as ``W̃[o, (c, i, j)] = W[i, j, c, o]`` (KFC) and written back HWIO;
+    a layer whose factor is ``None`` (no params) keeps its gradient.
 
     Args:
       grads: like params (e.g. from ``net.value_and_grad``).
@@ -356,13 +392,16 @@ def kfac_precondition(grads: Grads, factors: Sequence[KFACFactors], *, damping: 
 
 
 @jax.jit
-def _kfac_precondition(grads: Grads, factors: list[KFACFactors], damping: Array) -> Grads:
+def _kfac_precondition(grads: Grads, factors: list[KFACFactors | None], damping: Array) -> Grads:
     out = []
     for g, f in zip(grads, factors, strict=True):
-        w_bar = jnp.concatenate([g["W"], g["b"][:, None]], axis=1)
+        if f is None:
+            out.append(g)
+            continue
+        w_bar = _as_matrix(g)
         left = jax.scipy.linalg.cho_solve(_damped_cholesky(f.G, damping), w_bar)
         right = jax.scipy.linalg.cho_solve(_damped_cholesky(f.A, damping), left.T).T
-        out.append({"W": right[:, :-1], "b": right[:, -1]})
+        out.append(_from_matrix(right, g))
     return out
 
 
@@ -391,7 +430,7 @@ def kfac_preconditioner(*, damping: float) -> optax.GradientTransformationExtraA
         state: optax.EmptyState,
         params: Any = None,
         *,
-        kfac_factors: Sequence[KFACFactors] | None = None,
+        kfac_factors: Sequence[KFACFactors | None] | None = None,
         **extra: Any,
     ) -> tuple[Grads, optax.EmptyState]:
         del params, extra

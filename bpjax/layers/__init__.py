@@ -51,10 +51,13 @@ from bpjax.layers._core import (
 )
 from bpjax.layers._dense import Dense, DenseCache
 from bpjax.layers._dropout import Dropout, DropoutCache
+from bpjax.layers._elman import Elman, ElmanCache
 from bpjax.layers._embedding import Embedding, EmbeddingCache
+from bpjax.layers._lstm import LSTM, LSTMCache
 from bpjax.layers._norm import LayerNorm, LayerNormCache
+from bpjax.layers._outer import column_sum
 from bpjax.layers._pool import AvgPool2D, MaxPool2D, PoolCache
-from bpjax.layers._recurrent import LSTM, Elman, ElmanCache, LastStep, LastStepCache, LSTMCache
+from bpjax.layers._recurrent import LastStep, LastStepCache
 from bpjax.layers._reshape import Flatten
 from bpjax.layers._residual import Residual, ResidualCache
 from bpjax.layers._sequential import Sequential, SequentialCache
@@ -89,6 +92,7 @@ __all__ = [
     "chain_forward",
     "chain_init",
     "check_layers",
+    "column_sum",
     "layer_forward",
     "split_key",
 ]

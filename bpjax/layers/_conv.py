@@ -26,6 +26,13 @@ from bpjax.layers._init import (
     transposed_pads,
     truncated_normal_weight,
 )
+from bpjax.layers._outer import (
+    example_outer,
+    example_outer_sq_norms,
+    example_outer_square_sums,
+    kfac_outer,
+    outer_square_sum,
+)
 
 __all__ = ["Conv2D", "Conv2DCache"]
 
@@ -256,6 +263,78 @@ class Conv2D:
     ) -> tuple[dict[str, Array], Array]:
         """From ``dy = ∂C/∂a``: ``δ = J_fᵀ dy``, then :meth:`backward_delta`."""
         return self.backward_delta(params, cache, self.delta(cache, dy))
+
+    # -- extension rules (bpjax.extend.rules): a convolution is a Dense layer on patches -------
+    #
+    # z[n, p, q] = W̃ u[n, p, q] + b with u the unfolded patch (C_in·k_h·k_w entries, channel
+    # major, as lax.conv_general_dilated_patches orders them) and W̃[o, (c, i, j)] = W[i, j, c, o],
+    # so g_n = Σ_{p,q} δ[n, p, q] u[n, p, q]ᵀ: the outer-product forms of layers._outer over the
+    # H_out·W_out positions (the Gram form of the norm where P·(features + C_in k_h k_w) is the
+    # smaller cost, as for the 3×3 convolutions of an image network's later layers).
+
+    def _patches(self, x: Array) -> Array:
+        """``(batch, H_out·W_out, C_in·k_h·k_w)``: every window of the padded input, unfolded."""
+        u = lax.conv_general_dilated_patches(
+            x,
+            self._window,
+            self._strides,
+            self._pads(x.shape),
+            dimension_numbers=("NHWC", "OIHW", "NHWC"),
+            precision=lax.Precision.HIGHEST,  # a copy of x: no reduced-precision passes
+        )
+        return u.reshape(x.shape[0], -1, u.shape[-1])
+
+    def _as_kernel(self, g: Array, c_in: int) -> Array:
+        """``(..., features, C_in·k_h·k_w)`` back to HWIO ``(..., k_h, k_w, C_in, features)``."""
+        kh, kw = self._window
+        g = g.reshape(*g.shape[:-1], c_in, kh, kw)
+        lead = g.ndim - 4
+        order = (*range(lead), lead + 2, lead + 3, lead + 1, lead)
+        return jnp.transpose(g, order)
+
+    def example_grads(
+        self, params: dict[str, Array], cache: Conv2DCache, delta: Array
+    ) -> dict[str, Array]:
+        """``∇W_n = Σ_{p,q} x_pad[n, window] δ[n, p, q]``, ``∇b_n = Σ_{p,q} δ[n, p, q]``:
+        ``(batch, k_h, k_w, C_in, features)``, ``(batch, features)``."""
+        d = delta.reshape(delta.shape[0], -1, delta.shape[-1])
+        g = example_outer(d, self._patches(cache.x))
+        return {"W": self._as_kernel(g, cache.x.shape[-1]), "b": jnp.sum(d, axis=1)}
+
+    def example_sq_norms(
+        self, params: dict[str, Array], cache: Conv2DCache, delta: Array
+    ) -> dict[str, Array]:
+        """``‖∇W_n‖²`` (Gram form or materialised, whichever is cheaper) and ``‖∇b_n‖²``."""
+        d = delta.reshape(delta.shape[0], -1, delta.shape[-1])
+        bias = jnp.sum(jnp.sum(d, axis=1) ** 2, axis=-1)
+        return {"W": example_outer_sq_norms(d, self._patches(cache.x)), "b": bias}
+
+    def square_sum(
+        self, params: dict[str, Array], cache: Conv2DCache, deltas: Array, weights: Array
+    ) -> dict[str, Array]:
+        """``Σ_c Σ_n w_{c,n} (∇θ_{c,n})²``, like params."""
+        d = deltas.reshape(*deltas.shape[:2], -1, deltas.shape[-1])
+        g = outer_square_sum(d, self._patches(cache.x), weights)
+        bias = jnp.einsum("cb,cbm->m", weights, jnp.sum(d, axis=2) ** 2)
+        return {"W": self._as_kernel(g, cache.x.shape[-1]), "b": bias}
+
+    def example_square_sums(
+        self, params: dict[str, Array], cache: Conv2DCache, deltas: Array, weights: Array
+    ) -> dict[str, Array]:
+        """``Σ_c w_{c,n} (∇θ_{c,n})²`` per example, leaves ``(batch, *leaf)``."""
+        d = deltas.reshape(*deltas.shape[:2], -1, deltas.shape[-1])
+        g = example_outer_square_sums(d, self._patches(cache.x), weights)
+        bias = jnp.einsum("cb,cbm->bm", weights, jnp.sum(d, axis=2) ** 2)
+        return {"W": self._as_kernel(g, cache.x.shape[-1]), "b": bias}
+
+    def kfac_factors(
+        self, params: dict[str, Array], cache: Conv2DCache, deltas: Array, weights: Array
+    ) -> tuple[Array, Array]:
+        """KFC (Grosse & Martens 2016): KFAC's ``(A, G)`` over the unfolded patches ``u``, for
+        ``W̄ = [W̃ | b]`` with ``W̃[o, (c, i, j)] = W[i, j, c, o]``: ``A`` of size
+        ``C_in k_h k_w + 1`` (the mean over positions), ``G`` of size ``features`` (the sum)."""
+        d = deltas.reshape(*deltas.shape[:2], -1, deltas.shape[-1])
+        return kfac_outer(d, self._patches(cache.x), weights)
 
     def _check_input(self, params: dict[str, Array], x: Array) -> None:
         """At trace time: ``x`` is ``(batch, H, W, C_in)`` with ``W``'s ``C_in``, and fits."""

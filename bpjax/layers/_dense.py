@@ -19,6 +19,7 @@ from bpjax.layers._outer import (
     example_outer,
     example_outer_sq_norms,
     example_outer_square_sums,
+    kfac_outer,
     outer_square_sum,
 )
 
@@ -142,6 +143,14 @@ class Dense:
         d, x = _column_rows(deltas), _rows(cache.x)
         bias = jnp.einsum("cb,cbm->bm", weights, jnp.sum(d, axis=2) ** 2)
         return {"W": example_outer_square_sums(d, x, weights), "b": bias}
+
+    def kfac_factors(
+        self, params: dict[str, Array], cache: DenseCache, deltas: Array, weights: Array
+    ) -> tuple[Array, Array]:
+        """KFAC's ``(A, G)`` for ``W̄ = [W | b]``; with ``P`` positions (KFC's independence of
+        positions) ``A = (1/(B·P)) Σ_{n,t} ā_{n,t} ā_{n,t}ᵀ``, ``ā = [x; 1]``, and
+        ``G = Σ_c Σ_n w_{c,n} Σ_t δ_{c,n,t} δ_{c,n,t}ᵀ``; ``deltas`` ``(k, batch, ..., n_out)``."""
+        return kfac_outer(_column_rows(deltas), _rows(cache.x), weights)
 
 
 def _rows(v: Array) -> Array:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from bpjax._types import Array, PRNGKey
 from bpjax.layers._init import positive_int
+from bpjax.layers._outer import column_sum
 
 __all__ = ["Embedding", "EmbeddingCache"]
 
@@ -103,6 +104,79 @@ class Embedding:
         x = jnp.asarray(x)
         y = params["W"].at[x].get(mode="clip")  # y = W[x]: negative from the end, then clamped
         return y, EmbeddingCache(x)
+
+    # -- extension rules (bpjax.extend.rules) -----------------------------------------------
+    #
+    # Example n's gradient has row v = Σ_{t : i_t = v} dy_t over its P positions. With
+    # M_{tt'} = [i_t = i_{t'}] (the rows the forward read: negative indices wrapped, then
+    # clamped, as the backward's scatter does), row i_t of g_n is G_t = Σ_{t'} M_{tt'} dy_{t'}
+    # and ‖g_n‖² = Σ_{t,t'} M_{tt'} dy_t·dy_{t'} (P² work, no (vocab, features) table per example
+    # unless that is smaller); a squared row G_t² is counted once per distinct token, i.e. with
+    # weight 1/c_t, c_t = Σ_{t'} M_{tt'}.
+
+    def _rows_read(self, x: Array) -> Array:
+        """``(batch, P)``: the table row each position read (wrapped, then clamped)."""
+        v = self.vocab_size
+        rows = jnp.where(x < 0, x + v, x)
+        return jnp.clip(rows, 0, v - 1).reshape(x.shape[0], -1)
+
+    def _same(self, x: Array) -> Array:
+        rows = self._rows_read(x)
+        return rows[:, :, None] == rows[:, None, :]  # M, (batch, P, P)
+
+    def example_grads(
+        self, params: dict[str, Array], cache: EmbeddingCache, dy: Array
+    ) -> dict[str, Array]:
+        """Per example the scatter-add of its ``dy`` rows: ``(batch, vocab_size, features)``."""
+        rows = self._rows_read(cache.x)
+        d = dy.reshape(rows.shape[0], -1, dy.shape[-1])
+        batch = jnp.arange(rows.shape[0])[:, None]
+        g = jnp.zeros((rows.shape[0], *params["W"].shape), dy.dtype).at[batch, rows].add(d)
+        return {"W": g}
+
+    def example_sq_norms(
+        self, params: dict[str, Array], cache: EmbeddingCache, dy: Array
+    ) -> dict[str, Array]:
+        """``‖g_n‖² = Σ_{t,t'} [i_t = i_{t'}] dy_t·dy_{t'}``, shape ``(batch,)``."""
+        d = dy.reshape(dy.shape[0], -1, dy.shape[-1])
+        if d.shape[1] ** 2 > params["W"].size:  # the table per example is the smaller
+            return {"W": jnp.sum(self.example_grads(params, cache, dy)["W"] ** 2, axis=(1, 2))}
+        same = self._same(cache.x).astype(d.dtype)
+        return {"W": jnp.einsum("bpq,bpf,bqf->b", same, d, d)}
+
+    def _squared_rows(self, cache: EmbeddingCache, dy: Array, w: Array) -> Array:
+        """``w_n G_t² / c_t`` for every position, ``(batch, P, features)``."""
+        d = dy.reshape(dy.shape[0], -1, dy.shape[-1])
+        same = self._same(cache.x).astype(d.dtype)
+        rows = jnp.einsum("bpq,bqf->bpf", same, d)  # G_t: the whole row of token i_t
+        count = jnp.sum(same, axis=2)  # c_t ≥ 1 (M_tt = 1)
+        return rows * rows * (w[:, None] / count)[:, :, None]
+
+    def square_sum(
+        self, params: dict[str, Array], cache: EmbeddingCache, deltas: Array, weights: Array
+    ) -> dict[str, Array]:
+        """``Σ_c Σ_n w_{c,n} (g_{c,n})²``: each distinct token's squared row, scattered."""
+        rows = self._rows_read(cache.x).reshape(-1)
+        zero = jnp.zeros(params["W"].shape, deltas.dtype)
+
+        def term(dy: Array, w: Array) -> Array:
+            sq = self._squared_rows(cache, dy, w)
+            return zero.at[rows].add(sq.reshape(-1, sq.shape[-1]))
+
+        return {"W": column_sum(term, deltas, weights)}
+
+    def example_square_sums(
+        self, params: dict[str, Array], cache: EmbeddingCache, deltas: Array, weights: Array
+    ) -> dict[str, Array]:
+        """``Σ_c w_{c,n} (g_{c,n})²`` per example, ``(batch, vocab_size, features)``."""
+        rows = self._rows_read(cache.x)
+        batch = jnp.arange(rows.shape[0])[:, None]
+        zero = jnp.zeros((rows.shape[0], *params["W"].shape), deltas.dtype)
+
+        def term(dy: Array, w: Array) -> Array:
+            return zero.at[batch, rows].add(self._squared_rows(cache, dy, w))
+
+        return {"W": column_sum(term, deltas, weights)}
 
     def backward(
         self, params: dict[str, Array], cache: EmbeddingCache, dy: Array

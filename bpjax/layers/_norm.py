@@ -145,6 +145,19 @@ class LayerNorm:
             y = y + params["offset"]  # + β
         return y, LayerNormCache(x_hat, inv_sigma)
 
+    def example_grads(
+        self, params: dict[str, Array], cache: LayerNormCache, dy: Array
+    ) -> dict[str, Array]:
+        """The extension rule (:mod:`bpjax.extend.rules`): per example ``Σ_t dy_t ∘ x̂_t`` and
+        ``Σ_t dy_t`` over its positions, ``(batch, n)`` each; the other rules square these."""
+        axes = tuple(range(1, dy.ndim - 1))  # the positions between the batch and the features
+        grads = {}
+        if self.scale:
+            grads["scale"] = jnp.sum(dy * cache.x_hat, axis=axes)
+        if self.offset:
+            grads["offset"] = jnp.sum(dy, axis=axes)
+        return grads
+
     def backward(
         self, params: dict[str, Array], cache: LayerNormCache, dy: Array
     ) -> tuple[dict[str, Array], Array]:

@@ -19,18 +19,38 @@ taken, the Gram form when ``P·(m + n) < m·n`` (for ``P = 1`` both are ``‖δ�
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
 from bpjax._types import Array
 
 __all__ = [
+    "column_sum",
     "example_outer",
     "example_outer_sq_norms",
     "example_outer_square_sums",
+    "kfac_outer",
     "outer_square_sum",
     "use_gram",
 ]
+
+
+def column_sum(term: Callable[[Array, Array], Any], deltas: Array, weights: Array) -> Any:
+    """``Σ_c term(deltas[c], weights[c])``, a pytree sum, one column in memory at a time.
+
+    The first column starts the sum and ``lax.scan`` adds the others, so the total carries the
+    columns' own sharding (under ``shard_map`` a zero start would be replicated while the terms
+    vary over the data axis).
+    """
+    first = term(deltas[0], weights[0])
+
+    def add(total: Any, column: tuple[Array, Array]) -> tuple[Any, None]:
+        return jax.tree.map(jnp.add, total, term(*column)), None
+
+    return jax.lax.scan(add, first, (deltas[1:], weights[1:]))[0]
 
 
 def use_gram(positions: int, m: int, n: int) -> bool:
@@ -72,12 +92,9 @@ def outer_square_sum(deltas: Array, a: Array, weights: Array) -> Array:
         d2 = jnp.einsum("cb,cbm->bm", weights, deltas[:, :, 0] ** 2)
         return d2.T @ (a[:, 0] ** 2)
 
-    def add(total: Array, column: tuple[Array, Array]) -> tuple[Array, None]:
-        delta, w = column
-        return total + jnp.einsum("b,bmn->mn", w, example_outer(delta, a) ** 2), None
-
-    zero = jnp.zeros((deltas.shape[-1], a.shape[-1]), jnp.result_type(deltas, a))
-    return jax.lax.scan(add, zero, (deltas, weights))[0]
+    return column_sum(
+        lambda delta, w: jnp.einsum("b,bmn->mn", w, example_outer(delta, a) ** 2), deltas, weights
+    )
 
 
 def example_outer_square_sums(deltas: Array, a: Array, weights: Array) -> Array:
@@ -87,9 +104,28 @@ def example_outer_square_sums(deltas: Array, a: Array, weights: Array) -> Array:
         d2 = jnp.einsum("cb,cbm->bm", weights, deltas[:, :, 0] ** 2)
         return d2[:, :, None] * (a[:, 0] ** 2)[:, None, :]
 
-    def add(total: Array, column: tuple[Array, Array]) -> tuple[Array, None]:
-        delta, w = column
-        return total + w[:, None, None] * example_outer(delta, a) ** 2, None
+    return column_sum(
+        lambda delta, w: w[:, None, None] * example_outer(delta, a) ** 2, deltas, weights
+    )
 
-    zero = jnp.zeros((a.shape[0], deltas.shape[-1], a.shape[-1]), jnp.result_type(deltas, a))
-    return jax.lax.scan(add, zero, (deltas, weights))[0]
+
+def kfac_outer(deltas: Array, a: Array, weights: Array) -> tuple[Array, Array]:
+    """KFAC's Kronecker factors of ``W̄ = [W | b]`` for ``g = Σ_t δ_t [a_t; 1]ᵀ``.
+
+    ``A = (1/(B·P)) Σ_{n,t} ā_{n,t} ā_{n,t}ᵀ`` with ``ā = [a; 1]`` (``(n + 1, n + 1)``) and
+    ``G = Σ_c Σ_n w_{c,n} Σ_t δ_{c,n,t} δ_{c,n,t}ᵀ`` (``(m, m)``). For ``P = 1``, and one example,
+    ``G ⊗ A`` is the GGN block of ``W̄`` exactly (``w = d/B``); with positions it is KFC's
+    approximation (Grosse & Martens 2016: the positions' errors uncorrelated, the statistics the
+    same at every position), ``E[Σ_{t,t'} δ_t δ_{t'}ᵀ ⊗ ā_t ā_{t'}ᵀ] ≈ (Σ_t δ_t δ_tᵀ) ⊗
+    mean_t(ā_t ā_tᵀ)``.
+
+    Args:
+      deltas: ``(k, batch, P, m)``.
+      a: ``(batch, P, n)``.
+      weights: ``(k, batch)``.
+    """
+    batch, positions = a.shape[:2]
+    a_bar = jnp.concatenate([a, jnp.ones((*a.shape[:2], 1), a.dtype)], axis=-1)
+    factor_a = jnp.einsum("bpi,bpj->ij", a_bar, a_bar) / (batch * positions)
+    factor_g = jnp.einsum("cb,cbpm,cbpk->mk", weights, deltas, deltas)
+    return factor_a, factor_g
