@@ -22,8 +22,10 @@ are checked to agree before anything is timed). For each network and each quanti
   (``pip install ".[bench]"``). Its outputs, brought to bpjax's layout and scaling (BackPACK's
   per-example gradients are those of ``C_n / B``), are compared with bpjax's.
 
-``kfac_factors`` of bpjax takes Dense layers only: on the CNN (or any quantity bpjax rejects with
-a TypeError) the row says so and nothing is timed.
+On the CNN ``kfac_factors`` (Kronecker factors over the convolutions' unfolded patches) is timed
+against BackPACK's KFLR only: the vmap(grad) reference here perturbs each Dense layer's ``z`` of an
+MLP, and KFLR's factors are laid out differently, so no output is compared. A quantity bpjax
+rejects for a network with a TypeError gets a row saying so, and nothing is timed.
 
 Each function is run once to compile and warm up, then the three are called in interleaved
 rounds, the order reversed every other round; the table gives medians and the speed-ups
@@ -629,8 +631,8 @@ def bench_case(
     XLA's do not take cores from each other; BackPACK's speed-up is then each of its times over
     the median bpjax time.
 
-    A quantity bpjax rejects for this network with a ``TypeError`` (``kfac_factors`` of a CNN)
-    gets a row with the reason and no times.
+    A quantity bpjax rejects for this network with a ``TypeError`` gets a row saying so and no
+    times.
     """
     net = build_net(case)
     params, x, y = make_problem(net, case.batch, seed)
@@ -656,8 +658,7 @@ def bench_case(
         try:
             first_out = jax.block_until_ready(fns["bpjax"]())  # compile
         except TypeError as err:
-            note = "skipped (bpjax: Dense layers only)" if q == "kfac_factors" else ""
-            note = note or "skipped (bpjax: TypeError)"
+            note = "skipped (bpjax: TypeError)"
             console.print(f"{case.name} {q}: {note}: {err}")
             rows.append(Row(q, {}, {}, 0, None, note))
             continue

@@ -268,11 +268,13 @@ def test_bench_extend_cnn_tiny_agrees_with_vmap_grad_and_backpack():
     rows, log = _bench_tiny_cnn(bench_extend.QUANTITIES)
     assert [r.quantity for r in rows] == list(bench_extend.QUANTITIES)
     by_name = {r.quantity: r for r in rows}
-    kfac = by_name.pop("kfac_factors")  # bpjax's takes Dense layers only: said, nothing timed
-    assert kfac.times == {} and "Dense layers only" in kfac.note
     with_backpack = _backpack_installed()
     if not with_backpack:
         assert "BackPACK skipped" in log
+    kfac = by_name.pop("kfac_factors")  # vmap(grad)'s is the MLP's; KFLR's layout is not compared
+    assert set(kfac.times) == {"bpjax", "BackPACK"} if with_backpack else {"bpjax"}
+    assert kfac.note == "no vmap(grad) version for this network"
+    assert kfac.mismatch is None and kfac.mismatch_backpack is None
     for q, r in by_name.items():
         expected = {"bpjax", "vmap(grad)"}
         expected |= {"BackPACK"} if with_backpack and q != "hvp" else set()
@@ -301,7 +303,19 @@ def test_bench_extend_cnn_without_torch_skips_backpack_with_a_line(monkeypatch):
     l2, kfac = rows
     assert set(l2.times) == {"bpjax", "vmap(grad)"} and l2.mismatch < AGREE
     assert l2.mismatch_backpack is None
-    assert kfac.times == {} and "Dense layers only" in kfac.note
+    assert set(kfac.times) == {"bpjax"} and kfac.note == "no vmap(grad) version for this network"
+
+
+def test_bench_extend_says_which_quantity_bpjax_rejects(monkeypatch):
+    original = bench_extend.bpjax_functions
+
+    def hvp(*args):
+        raise TypeError("net: no hvp for this network.")
+
+    monkeypatch.setattr(bench_extend, "bpjax_functions", lambda net: {**original(net), "hvp": hvp})
+    (row,), log = _bench_tiny_cnn(["hvp"])
+    assert row.times == {} and row.note == "skipped (bpjax: TypeError)"
+    assert "no hvp for this network" in log
 
 
 def test_torch_model_of_the_cnn_has_bpjax_logits():
