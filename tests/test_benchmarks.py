@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import bench_extend, peers, run
+from benchmarks import bench_extend, dp_sgd_digits, peers, run
 from bpjax import MLP
 
 # (activations, loss): every hidden activation and output pair the peers implement
@@ -344,3 +344,43 @@ def test_bench_extend_cli_takes_the_cnn(capsys):
     with pytest.raises(SystemExit):
         bench_extend.parse_args(["--sizes", "cnn:2@8"])
     assert "image side" in capsys.readouterr().err
+
+
+def test_dp_sgd_quick_run_clips_like_vmap_grad(tmp_path):
+    pytest.importorskip("sklearn")
+    path = tmp_path / "dp.json"
+    # C = 4 sits inside the first batch's per-example norms at init (3.1 to 5.9; 84% clipped), so
+    # the comparison covers clipped and unclipped examples both
+    assert dp_sgd_digits.main(["--quick", "--clip", "4", "--json", str(path)]) == 0
+    payload = json.loads(path.read_text())
+    settings = payload["settings"]
+    assert settings["quick"] and settings["clip"] == 4.0 and settings["dtype"] == "float64"
+    (result,) = payload["results"]
+    assert result["batch"] == 32 and result["steps"] == 2
+    implementations = set(dp_sgd_digits.IMPLEMENTATIONS)
+    assert set(result["accuracy"]) == set(result["train_s"]) == implementations
+    assert set(result["times_s"]) == implementations | {"noise draw"}
+    assert all(s["q1"] <= s["median"] <= s["q3"] for s in result["times_s"].values())
+    assert 0 < result["clipped_fraction"] < 1
+    # The quick run trains in float64, and its first step's two clipped means (the same params
+    # and batch) are compared: the same sums in other orders (squared norms of ≤ 64 × 64 Gram
+    # terms per leaf, γ_4096 ≈ 4.5e-13, then B = 32 scaled terms), so ≤ 1e-10 leaves a factor
+    # of ~100 for cancellation (measured: 3e-16); a wrong clip (an example missed, one leaf's
+    # norm for the global one) is off by 1e-2 or more. The script asserts it too.
+    assert result["agreement_float64"] <= dp_sgd_digits.RTOL_FLOAT64 == 1e-10
+    assert result["agreement_float32"] is None  # trained in float64: no float32 figure
+    # Two steps from the same params with the same noise: each update differs by the clipped
+    # means' roundoff (≤ 1e-10 of it), and the momentum update is linear in it, so the params
+    # differ by ≤ 1e-10 of the two updates, themselves a small part of ‖θ‖ (measured: 8e-18);
+    # the held-out predictions by at most an example whose top two logits tie.
+    assert result["final_params_rel_diff"] <= 1e-10
+    accuracies = list(result["accuracy"].values())
+    assert all(0 <= a <= 1 for a in accuracies) and abs(accuracies[0] - accuracies[1]) <= 1 / 360
+
+
+@pytest.mark.parametrize("argv", [["--batch", "0"], ["--clip", "0"], ["--epochs", "0"]])
+def test_dp_sgd_bad_options_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        dp_sgd_digits.parse_args(argv)
+    assert exc.value.code == 2
+    assert argv[0] in capsys.readouterr().err

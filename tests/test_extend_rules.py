@@ -178,6 +178,14 @@ def test_curvature_equals_explicit_jacobian_hessian_products(x64, name):
     _close(bx.hvp(net, params, x, y, v), unravel(hess @ jax.flatten_util.ravel_pytree(v)[0]), "hvp")
     # one damped Gauss-Newton step: solve with the explicit GGN
     ggn = jnp.einsum("bpq->pq", rows) / batch
+    v_flat = jax.flatten_util.ravel_pytree(v)[0]
+    _close(bx.ggn_vp(net, params, x, y, v), unravel(ggn @ v_flat), "ggn_vp")
+    sqrt = bx.sqrt_ggn(net, params, x, y)
+    columns = jax.vmap(jax.vmap(lambda f: jax.flatten_util.ravel_pytree(f)[0]))(
+        sqrt.factor
+    )  # (k, batch, P)
+    signs = jnp.ones(columns.shape[:2]) if sqrt.signs is None else sqrt.signs.T
+    _close(jnp.einsum("cb,cbp,cbq->pq", signs, columns, columns), ggn, "sqrt_ggn")
     grad = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(net.loss))(params, x, y))[0]
     step = jnp.linalg.solve(ggn + 0.5 * jnp.eye(flat.size), -grad)
     _close(bx.levenberg_marquardt_step(net, params, x, y, 0.5), unravel(flat + step), "LM")
@@ -190,6 +198,11 @@ def test_diag_ggn_mc_is_unbiased_on_a_cnn(x64):
     mc = bx.diag_ggn_mc(net, params, x, y, jax.random.key(3), mc_samples=4000)
     for e, m in zip(jax.tree.leaves(exact), jax.tree.leaves(mc), strict=True):
         assert float(jnp.linalg.norm(m - e)) <= 0.1 * float(jnp.linalg.norm(e))
+    # the sampled factor's squares are the same estimate: with the same key, the same numbers
+    sqrt = bx.sqrt_ggn_mc(net, params, x, y, jax.random.key(3), mc_samples=4000)
+    assert sqrt.signs is None
+    squares = jax.tree.map(lambda f: jnp.sum(f * f, axis=(0, 1)), sqrt.factor)
+    _close(squares, mc, "sqrt_ggn_mc")
 
 
 def test_variance_is_non_negative_and_exactly_zero_for_one_example(x64):

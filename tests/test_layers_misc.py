@@ -687,3 +687,25 @@ def test_serial_of_every_layer_in_lower_precision(dtype):
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
         got, want = np.asarray(got, np.float64), np.asarray(want)
         assert np.linalg.norm(got - want) <= rtol * np.linalg.norm(want)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_weights_are_jax_variance_scaling_drawn_flat(dtype):
+    """The init draws flat and reshapes (XLA:CPU compiles 4-D draws slowly): the numbers are
+    jax.nn.initializers.variance_scaling's, the same bits through the same elementwise maths,
+    so at most a rounding apart (4 units of the dtype's epsilon, relative)."""
+    from bpjax.layers._init import INIT_SCALING, truncated_normal_weight
+
+    with jax.enable_x64(dtype == "float64"):
+        for shape, (in_axis, out_axis) in (((7, 5), (-1, -2)), ((3, 3, 4, 6), (-2, -1))):
+            for scheme, (scale, mode) in INIT_SCALING.items():
+                want = jax.nn.initializers.variance_scaling(
+                    scale, mode, "truncated_normal", in_axis=in_axis, out_axis=out_axis
+                )(jax.random.key(3), shape, dtype)
+                got = truncated_normal_weight(
+                    jax.random.key(3), shape, dtype, scheme, in_axis=in_axis, out_axis=out_axis
+                )
+                eps = float(jnp.finfo(dtype).eps)
+                gap = jnp.abs(got.astype(float) - want.astype(float))
+                assert got.dtype == want.dtype
+                assert bool(jnp.all(gap <= 4 * eps * jnp.abs(want.astype(float))))

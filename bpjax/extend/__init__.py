@@ -67,8 +67,10 @@ under ``jax.jit`` and ``jax.vmap``, in evaluation mode (no dropout key).
 
 The modules: :mod:`bpjax.extend.rules` (the per-layer rules and the generic one),
 :mod:`bpjax.extend.first_order` (the per-example quantities of the first table),
-:mod:`bpjax.extend.second_order` (the curvature and second order) and :mod:`bpjax.extend.passes`
-(the forward pass and δ-recursions they share). The order-2 harness that checks :func:`hvp` and
+:mod:`bpjax.extend.second_order` (the curvature and second order),
+:mod:`bpjax.extend.ggn_products` (:func:`ggn_vp`, :func:`sqrt_ggn`, :func:`sqrt_ggn_mc`: the GGN
+without forming it) and :mod:`bpjax.extend.passes` (the forward pass and δ-recursions they
+share). The order-2 harness that checks :func:`hvp` and
 :func:`diag_ggn` against explicit matrices is :func:`bpjax.check.curvature.check_curvature`.
 """
 
@@ -83,6 +85,7 @@ from bpjax.extend.first_order import (
     sum_grad_squared,
     variance,
 )
+from bpjax.extend.ggn_products import SqrtGGN, ggn_vp, sqrt_ggn, sqrt_ggn_mc
 from bpjax.extend.second_order import (
     KFACFactors,
     batch_diag_ggn,
@@ -99,6 +102,7 @@ from bpjax.extend.second_order import (
 __all__ = [
     "CURVATURE_REFERENCES",
     "KFACFactors",
+    "SqrtGGN",
     "batch_diag_ggn",
     "batch_grad",
     "batch_l2_grad",
@@ -106,12 +110,15 @@ __all__ = [
     "clipped_grad",
     "diag_ggn",
     "diag_ggn_mc",
+    "ggn_vp",
     "hvp",
     "kfac_factors",
     "kfac_precondition",
     "kfac_preconditioner",
     "levenberg_marquardt_step",
     "loss_hessian_factor",
+    "sqrt_ggn",
+    "sqrt_ggn_mc",
     "sum_grad_squared",
     "variance",
 ]

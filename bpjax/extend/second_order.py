@@ -50,6 +50,7 @@ __all__ = [
     "kfac_preconditioner",
     "levenberg_marquardt_step",
     "loss_hessian_factor",
+    "sampled_loss_factor",
     "signed_square_sum",
 ]
 
@@ -284,10 +285,20 @@ def diag_ggn_mc(
         raise ValueError(f"mc_samples: expected a positive integer, got {mc_samples!r}.")
     check_key(key)
     fwd = forward(net, params, x, y)
-    v = output_variable(net, fwd.cache)
-    rows = _sampled_factor(net, v.reshape(-1, v.shape[-1]), fwd.y, key, mc_samples)
-    factor, _ = _by_example(rows, None, v.shape)
+    factor = sampled_loss_factor(net, fwd, key, mc_samples)
     return _ggn_sums(net, params, fwd, per_example=False, factor=factor)
+
+
+def sampled_loss_factor(net: Any, fwd: ForwardPass, key: PRNGKey, samples: int) -> Array:
+    """:func:`diag_ggn_mc`'s factor ``[g_1 … g_M] / √M`` per example, ``(batch, ..., n_L, k)``
+    (``k = M`` per output position, block-diagonal as :func:`loss_hessian_factor`'s).
+
+    Raises:
+      ValueError: a non-canonical (output activation, loss) pair.
+    """
+    v = output_variable(net, fwd.cache)
+    rows = _sampled_factor(net, v.reshape(-1, v.shape[-1]), fwd.y, key, samples)
+    return _by_example(rows, None, v.shape)[0]
 
 
 @compiled()

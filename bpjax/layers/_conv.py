@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -27,11 +28,12 @@ from bpjax.layers._init import (
     truncated_normal_weight,
 )
 from bpjax.layers._outer import (
-    example_outer,
+    column_sum,
     example_outer_sq_norms,
     example_outer_square_sums,
     kfac_outer,
     outer_square_sum,
+    use_gram,
 )
 
 __all__ = ["Conv2D", "Conv2DCache"]
@@ -224,18 +226,7 @@ class Conv2D:
         x, w = cache.x, params["W"]
         (kh, kw), (sh, sw) = self._window, self._strides
         (top, bottom), (left, right) = self._pads(x.shape)
-        rest_h = (x.shape[1] + top + bottom - kh) % sh  # rows no window reached
-        rest_w = (x.shape[2] + left + right - kw) % sw
-        # ∂C/∂W[i,j,c,o] = Σ_{n,p,q} x_pad[n, s_h p + i, s_w q + j, c] δ[n,p,q,o]
-        grad_w = lax.conv_general_dilated(
-            x,
-            delta,
-            (1, 1),
-            ((top, bottom - rest_h), (left, right - rest_w)),
-            rhs_dilation=(sh, sw),
-            dimension_numbers=_CHWN_IHWO,
-            precision=self.precision,
-        )
+        grad_w = self._kernel_grad(x, delta)
         # ∂C/∂b[o] = Σ_{n,p,q} δ[n,p,q,o]
         grad_b = jnp.sum(delta, axis=(0, 1, 2))
         # ∂C/∂x = dilate_s(δ) ⋆_1 W[::-1, ::-1] with in/out swapped, under the transposed pads
@@ -258,6 +249,22 @@ class Conv2D:
             dx = dx[:, crop_h : crop_h + x.shape[1], crop_w : crop_w + x.shape[2]]
         return {"W": grad_w, "b": grad_b}, dx
 
+    def _kernel_grad(self, x: Array, delta: Array) -> Array:
+        """``∂C/∂W[i,j,c,o] = Σ_{n,p,q} x_pad[n, s_h p + i, s_w q + j, c] δ[n,p,q,o]``, HWIO."""
+        (kh, kw), (sh, sw) = self._window, self._strides
+        (top, bottom), (left, right) = self._pads(x.shape)
+        rest_h = (x.shape[1] + top + bottom - kh) % sh  # rows no window reached
+        rest_w = (x.shape[2] + left + right - kw) % sw
+        return lax.conv_general_dilated(
+            x,
+            delta,
+            (1, 1),
+            ((top, bottom - rest_h), (left, right - rest_w)),
+            rhs_dilation=(sh, sw),
+            dimension_numbers=_CHWN_IHWO,
+            precision=self.precision,
+        )
+
     def backward(
         self, params: dict[str, Array], cache: Conv2DCache, dy: Array
     ) -> tuple[dict[str, Array], Array]:
@@ -268,9 +275,11 @@ class Conv2D:
     #
     # z[n, p, q] = W̃ u[n, p, q] + b with u the unfolded patch (C_in·k_h·k_w entries, channel
     # major, as lax.conv_general_dilated_patches orders them) and W̃[o, (c, i, j)] = W[i, j, c, o],
-    # so g_n = Σ_{p,q} δ[n, p, q] u[n, p, q]ᵀ: the outer-product forms of layers._outer over the
-    # H_out·W_out positions (the Gram form of the norm where P·(features + C_in k_h k_w) is the
-    # smaller cost, as for the 3×3 convolutions of an image network's later layers).
+    # so g_n = Σ_{p,q} δ[n, p, q] u[n, p, q]ᵀ over the P = H_out·W_out positions. The norm takes
+    # the Gram form of layers._outer over the patches where P·(features + C_in k_h k_w) is the
+    # smaller cost (few positions, wide kernels); otherwise the per-example kernel gradients come
+    # from the backward's own kernel-gradient convolution under vmap (one grouped convolution),
+    # not from unfolded patches, whose copy costs more than the convolution on small kernels.
 
     def _patches(self, x: Array) -> Array:
         """``(batch, H_out·W_out, C_in·k_h·k_w)``: every window of the padded input, unfolded."""
@@ -292,40 +301,69 @@ class Conv2D:
         order = (*range(lead), lead + 2, lead + 3, lead + 1, lead)
         return jnp.transpose(g, order)
 
+    def _example_kernel_grads(self, x: Array, delta: Array) -> Array:
+        """``∇W_n`` for every example, ``(batch, k_h, k_w, C_in, features)``: the backward's own
+        kernel-gradient convolution per example (``vmap``: one grouped convolution)."""
+        return jax.vmap(lambda x_n, d_n: self._kernel_grad(x_n[None], d_n[None]))(x, delta)
+
+    def _gram(self, x: Array, delta: Array) -> bool:
+        positions = delta.size // (delta.shape[0] * delta.shape[-1])
+        fan_in = x.shape[-1] * self._window[0] * self._window[1]
+        return use_gram(positions, delta.shape[-1], fan_in)
+
     def example_grads(
         self, params: dict[str, Array], cache: Conv2DCache, delta: Array
     ) -> dict[str, Array]:
         """``∇W_n = Σ_{p,q} x_pad[n, window] δ[n, p, q]``, ``∇b_n = Σ_{p,q} δ[n, p, q]``:
         ``(batch, k_h, k_w, C_in, features)``, ``(batch, features)``."""
-        d = delta.reshape(delta.shape[0], -1, delta.shape[-1])
-        g = example_outer(d, self._patches(cache.x))
-        return {"W": self._as_kernel(g, cache.x.shape[-1]), "b": jnp.sum(d, axis=1)}
+        kernel = self._example_kernel_grads(cache.x, delta)
+        return {"W": kernel, "b": jnp.sum(delta, axis=(1, 2))}
 
     def example_sq_norms(
         self, params: dict[str, Array], cache: Conv2DCache, delta: Array
     ) -> dict[str, Array]:
-        """``‖∇W_n‖²`` (Gram form or materialised, whichever is cheaper) and ``‖∇b_n‖²``."""
-        d = delta.reshape(delta.shape[0], -1, delta.shape[-1])
-        bias = jnp.sum(jnp.sum(d, axis=1) ** 2, axis=-1)
-        return {"W": example_outer_sq_norms(d, self._patches(cache.x)), "b": bias}
+        """``‖∇W_n‖²`` (the Gram form over the patches where it is cheaper, else the
+        per-example kernel gradients) and ``‖∇b_n‖²``."""
+        bias = jnp.sum(jnp.sum(delta, axis=(1, 2)) ** 2, axis=-1)
+        if self._gram(cache.x, delta):
+            d = delta.reshape(delta.shape[0], -1, delta.shape[-1])
+            return {"W": example_outer_sq_norms(d, self._patches(cache.x)), "b": bias}
+        kernel = self._example_kernel_grads(cache.x, delta)
+        return {"W": jnp.sum(kernel**2, axis=(1, 2, 3, 4)), "b": bias}
+
+    def _square_sums(
+        self, cache: Conv2DCache, deltas: Array, weights: Array, per_example: bool
+    ) -> dict[str, Array]:
+        d = deltas.reshape(*deltas.shape[:2], -1, deltas.shape[-1])
+        bias = jnp.einsum(
+            "cb,cbm->bm" if per_example else "cb,cbm->m", weights, jnp.sum(d, axis=2) ** 2
+        )
+        if d.shape[2] == 1:  # one position: (Σ_c w δ²) ⊗ u², no per-example kernel
+            square = example_outer_square_sums if per_example else outer_square_sum
+            g = self._as_kernel(square(d, self._patches(cache.x), weights), cache.x.shape[-1])
+            return {"W": g, "b": bias}
+
+        def term(delta: Array, w: Array) -> Array:
+            squares = self._example_kernel_grads(cache.x, delta) ** 2
+            return (
+                w[:, None, None, None, None] * squares
+                if per_example
+                else (jnp.tensordot(w, squares, axes=1))
+            )
+
+        return {"W": column_sum(term, deltas, weights), "b": bias}
 
     def square_sum(
         self, params: dict[str, Array], cache: Conv2DCache, deltas: Array, weights: Array
     ) -> dict[str, Array]:
         """``Σ_c Σ_n w_{c,n} (∇θ_{c,n})²``, like params."""
-        d = deltas.reshape(*deltas.shape[:2], -1, deltas.shape[-1])
-        g = outer_square_sum(d, self._patches(cache.x), weights)
-        bias = jnp.einsum("cb,cbm->m", weights, jnp.sum(d, axis=2) ** 2)
-        return {"W": self._as_kernel(g, cache.x.shape[-1]), "b": bias}
+        return self._square_sums(cache, deltas, weights, per_example=False)
 
     def example_square_sums(
         self, params: dict[str, Array], cache: Conv2DCache, deltas: Array, weights: Array
     ) -> dict[str, Array]:
         """``Σ_c w_{c,n} (∇θ_{c,n})²`` per example, leaves ``(batch, *leaf)``."""
-        d = deltas.reshape(*deltas.shape[:2], -1, deltas.shape[-1])
-        g = example_outer_square_sums(d, self._patches(cache.x), weights)
-        bias = jnp.einsum("cb,cbm->bm", weights, jnp.sum(d, axis=2) ** 2)
-        return {"W": self._as_kernel(g, cache.x.shape[-1]), "b": bias}
+        return self._square_sums(cache, deltas, weights, per_example=True)
 
     def kfac_factors(
         self, params: dict[str, Array], cache: Conv2DCache, deltas: Array, weights: Array
