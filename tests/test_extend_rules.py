@@ -353,3 +353,38 @@ def test_kfac_names_a_layer_without_kronecker_factors(x64):
     net, params, x, y = _data("cnn")
     with pytest.raises(TypeError, match=r"layer 3 \(Residual\) has params but no Kronecker"):
         bx.kfac_factors(net, params, x, y)
+
+
+@pytest.mark.parametrize("bad", [-0.01, 0.0, float("nan")])
+def test_a_traced_bad_scalar_poisons_the_result(x64, bad):
+    """A clipping norm or damping the concrete check cannot see is NaN out, never a finite
+    wrong number (a negative norm would flip the gradient's sign)."""
+    net, params, x, y = _data("user")
+    clipped = jax.jit(lambda c: bx.clipped_grad(net, params, x, y, c))(bad)
+    step = jax.jit(lambda lam: bx.levenberg_marquardt_step(net, params, x, y, lam))(bad)
+    for leaf in jax.tree.leaves([clipped, step]):
+        assert bool(jnp.all(jnp.isnan(leaf)))
+    good = jax.jit(lambda c: bx.clipped_grad(net, params, x, y, c))(0.05)
+    _close(good, bx.clipped_grad(net, params, x, y, 0.05), "traced good norm")
+
+
+def test_levenberg_marquardt_in_half_precision_solves_in_float32():
+    net = bp.MLP((2, 3, 1), ("tanh", "identity"), "squared_error")
+    params = net.init(jax.random.key(0), jnp.bfloat16)
+    x, y = jnp.ones((4, 2), jnp.bfloat16), jnp.zeros((4, 1), jnp.bfloat16)
+    step = bx.levenberg_marquardt_step(net, params, x, y, 0.1)
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(step))
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(step))
+
+
+def test_kfac_precondition_names_a_factor_that_does_not_fit(x64):
+    net = bp.MLP((3, 4, 2), ("tanh", "softmax"), "cross_entropy")
+    params = net.init(jax.random.key(0), jnp.float64)
+    x, y = jnp.ones((5, 3)), jnp.array([0, 1, 1, 0, 1])
+    factors = bx.kfac_factors(net, params, x, y)
+    with pytest.raises(ValueError, match=r"factors\[0\]: expected A \(4, 4\) and G \(4, 4\)"):
+        bx.kfac_precondition(params, factors[::-1], damping=0.1)
+    with pytest.raises(ValueError, match=r"factors\[1\]: None, but layer 1 has params"):
+        bx.kfac_precondition(params, [factors[0], None], damping=0.1)
+    with pytest.raises(ValueError, match=r"factors: expected one KFACFactors per layer"):
+        bx.kfac_precondition(params, factors[0], damping=0.1)

@@ -18,7 +18,13 @@ import jax.numpy as jnp
 
 from bpjax._types import Array, Grads, Params
 from bpjax.extend import rules
-from bpjax.extend.passes import check_positive, compiled, example_deltas, forward
+from bpjax.extend.passes import (
+    check_positive,
+    compiled,
+    example_deltas,
+    forward,
+    positive_poison,
+)
 from bpjax.layers import DenseCache
 
 __all__ = [
@@ -206,9 +212,11 @@ def clipped_grad(net: Any, params: Params, x: Array, y: Array, max_norm: float) 
       Like params.
 
     Raises:
-      ValueError: ``max_norm`` not a positive scalar (checked when it is concrete).
+      ValueError: ``max_norm`` not a positive scalar (checked when it is concrete; a traced one
+        that is not positive makes the result NaN).
     """
     check_positive(max_norm, "max_norm")
     records, errors = layer_records(net, params, x, y)
     scale = clip_scale(example_sq_norms(records, errors), max_norm) / errors[0].shape[0]
+    scale = scale * positive_poison(max_norm, scale.dtype)  # a traced c ≤ 0 or NaN: NaN
     return [rules.weighted_grads(r, e, scale) for r, e in zip(records, errors, strict=True)]

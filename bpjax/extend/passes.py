@@ -37,6 +37,7 @@ __all__ = [
     "loss_from_output",
     "loss_from_z",
     "output_variable",
+    "positive_poison",
 ]
 
 
@@ -120,6 +121,15 @@ def check_positive(value: Any, name: str) -> None:
         raise ValueError(f"{name}: expected a scalar, got shape {np.shape(value)}.")
     if _is_concrete_number(value) and not float(value) > 0:
         raise ValueError(f"{name}: expected a positive number, got {float(value)!r}.")
+
+
+def positive_poison(value: Any, dtype: Any) -> Array:
+    """``1`` where ``value > 0``, else NaN: a traced positive scalar that :func:`check_positive`
+    could not see, multiplied into a result so that a bad one poisons it (never a finite wrong
+    number: a negative clipping norm would flip the gradient's sign, a zero damping solve a
+    singular system)."""
+    ok = jnp.asarray(value) > 0
+    return jnp.where(ok, jnp.ones((), dtype), jnp.full((), jnp.nan, dtype))
 
 
 def _is_concrete_number(value: Any) -> bool:

@@ -35,6 +35,7 @@ from bpjax.extend.passes import (
     forward,
     loss_from_output,
     output_variable,
+    positive_poison,
 )
 
 __all__ = [
@@ -392,14 +393,54 @@ def kfac_precondition(
       Like params: the preconditioned gradient.
 
     Raises:
-      ValueError: ``damping`` not positive, or ``factors`` not one per layer of ``grads``.
+      ValueError: ``damping`` not positive (a traced one makes the result NaN), ``factors`` not
+        one per layer of ``grads``, or a factor whose shapes do not fit its layer.
+      TypeError: a factor that is not a :class:`KFACFactors` (or ``None``).
     """
     check_positive(damping, "damping")
-    if len(factors) != len(grads):
+    if isinstance(factors, KFACFactors) or len(factors) != len(grads):
         raise ValueError(
             f"factors: expected one KFACFactors per layer ({len(grads)}), got {len(factors)}."
         )
-    return _kfac_precondition(grads, list(factors), damping)
+    _check_factors(grads, factors)
+    poison = positive_poison(damping, jnp.result_type(*jax.tree.leaves(grads)))
+    out = _kfac_precondition(grads, list(factors), damping)
+    return jax.tree.map(lambda leaf: leaf * poison, out)  # a traced λ ≤ 0 or NaN: NaN
+
+
+def _check_factors(grads: Grads, factors: Sequence[Any]) -> None:
+    """Each factor a :class:`KFACFactors` whose shapes fit its layer's ``[∇W | ∇b]``, or ``None``
+    for a layer without params."""
+    for i, (g, f) in enumerate(zip(grads, factors, strict=True)):
+        if f is None:
+            if _has_params(g):
+                raise ValueError(
+                    f"factors[{i}]: None, but layer {i} has params; pass kfac_factors' entry."
+                )
+            continue
+        if not isinstance(f, KFACFactors):
+            raise TypeError(
+                f"factors[{i}]: expected a KFACFactors or None, got {type(f).__name__}; pass "
+                "the list kfac_factors returns, one entry per layer."
+            )
+        if not isinstance(g, dict) or set(g) != {"W", "b"}:
+            raise ValueError(
+                f"factors[{i}]: KFAC preconditions Dense and Conv2D layers' {{'W', 'b'}}, got "
+                f"grads[{i}] with {sorted(g) if isinstance(g, dict) else type(g).__name__}."
+            )
+        m, n = jnp.shape(g["b"])[0], _matrix_width(g["W"])
+        want = ((n + 1, n + 1), (m, m))
+        got = (jnp.shape(f.A), jnp.shape(f.G))
+        if got != want:
+            raise ValueError(
+                f"factors[{i}]: expected A {want[0]} and G {want[1]} for grads[{i}]['W'] of "
+                f"shape {jnp.shape(g['W'])}, got A {got[0]} and G {got[1]}."
+            )
+
+
+def _matrix_width(w: Any) -> int:
+    shape = jnp.shape(w)
+    return int(shape[0] * shape[1] * shape[2]) if len(shape) == 4 else int(shape[-1])
 
 
 @jax.jit
@@ -534,7 +575,10 @@ def levenberg_marquardt_step(
     batch = jnp.shape(x)[0]
     dm = m if signs is None else m * signs[:, None]
     ggn = dm.T @ m / batch
-    system = ggn + jnp.asarray(damping, ggn.dtype) * jnp.eye(ggn.shape[0], dtype=ggn.dtype)
-    step = jnp.linalg.solve(system, -g)
+    dtype = ggn.dtype
+    wide = dtype if jnp.finfo(dtype).bits >= 32 else jnp.float32  # LAPACK: float32 and wider
+    system = ggn.astype(wide) + jnp.asarray(damping, wide) * jnp.eye(ggn.shape[0], dtype=wide)
+    step = jnp.linalg.solve(system, -g.astype(wide)).astype(dtype)
+    step = step * positive_poison(damping, dtype)  # a traced λ ≤ 0 or NaN: NaN
     flat, unravel = ravel_pytree(params)
     return unravel(flat + step)
