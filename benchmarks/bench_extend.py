@@ -33,12 +33,13 @@ rounds, the order reversed every other round; the table gives medians and the sp
 whose output or per-example gradients would not fit in ``--max-gib`` (``batch_grad`` of the large
 network is 21 GB) is skipped for every implementation, with a line saying so.
 
-Usage::
+The CNN is not in the default run (its GGN diagonals by vmap(grad) take ~20 s a call on 2 cores);
+``--sizes cnn`` runs it. Usage::
 
     python benchmarks/bench_extend.py                               # medium and large
     python benchmarks/bench_extend.py --sizes medium --json benchmarks/results/bench_extend_cpu.json
     python benchmarks/bench_extend.py --sizes 64,128,10@64 --quantities batch_l2_grad diag_ggn
-    python benchmarks/bench_extend.py --sizes cnn --json bench_extend_cnn_cpu.json   # the CNN
+    python benchmarks/bench_extend.py --sizes cnn --budget 5 --json bench_extend_cnn_cpu.json
     python benchmarks/bench_extend.py --sizes cnn:16@32      # the CNN on 16×16×3 images, batch 32
 """
 
