@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import json
 import re
@@ -222,6 +223,127 @@ def test_harness_campaign_plants_bugs_of_the_stated_size_and_counts_them():
         "planted": 3, "caught": 1, "missed": 1, "uncatchable": 1, "skipped": 1,
         "missed_small_leaf": 1,
     }  # fmt: skip
+
+
+# -- bench_extend's CNN case ---------------------------------------------------------------------
+
+TINY_CNN = bench_extend.ConvCase("cnn", (8, 8, 3), (4, 8), 10, 4)
+
+
+def _bench_tiny_cnn(quantities):
+    """``(rows, log)``: ``quantities`` on :data:`TINY_CNN`, one round each, untimed settings."""
+    console = run.Console(file=io.StringIO(), width=200)
+    rows = bench_extend.bench_case(
+        TINY_CNN,
+        quantities,
+        budget=0.0,
+        min_repeats=1,
+        max_gib=8.0,
+        skip_vmap=(),
+        warm_runs=0,
+        chunk_gib=1.0,
+        seed=0,
+        console=console,
+    )
+    return rows, console.file.getvalue()
+
+
+def _backpack_installed() -> bool:
+    try:
+        import backpack  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# float32 quantities of a 2-conv net at batch 4, by three implementations summing in their own
+# orders (conv sums of ≤ 3·3·8 = 72 terms, 4 examples, 10 Hessian columns), relative to the leaf
+# tree's largest element: 1e-5 leaves a factor of ~10 over what they were seen to differ (≤ 1.4e-6)
+AGREE = 1e-5
+
+
+@pytest.mark.slow
+def test_bench_extend_cnn_tiny_agrees_with_vmap_grad_and_backpack():
+    rows, log = _bench_tiny_cnn(bench_extend.QUANTITIES)
+    assert [r.quantity for r in rows] == list(bench_extend.QUANTITIES)
+    by_name = {r.quantity: r for r in rows}
+    with_backpack = _backpack_installed()
+    if not with_backpack:
+        assert "BackPACK skipped" in log
+    kfac = by_name.pop("kfac_factors")  # vmap(grad)'s is the MLP's; KFLR's layout is not compared
+    assert set(kfac.times) == {"bpjax", "BackPACK"} if with_backpack else {"bpjax"}
+    assert kfac.note == "no vmap(grad) version for this network"
+    assert kfac.mismatch is None and kfac.mismatch_backpack is None
+    for q, r in by_name.items():
+        expected = {"bpjax", "vmap(grad)"}
+        expected |= {"BackPACK"} if with_backpack and q != "hvp" else set()
+        assert set(r.times) == expected, q
+        assert set(r.speedup) == expected - {"bpjax"}, q
+        assert r.repeats >= 1 and r.note == ""
+        if q == "diag_ggn_mc":  # sampled: no reference to compare with
+            assert r.mismatch is None and r.mismatch_backpack is None
+            continue
+        assert r.mismatch < AGREE, q
+        if with_backpack and q in bench_extend.COMPARED_WITH_BACKPACK:
+            assert r.mismatch_backpack < AGREE, q
+        else:
+            assert r.mismatch_backpack is None, q
+    payload = bench_extend.case_to_json(TINY_CNN, rows)
+    assert payload["image"] == [8, 8, 3] and payload["channels"] == [4, 8]
+    assert payload["params"] == (3 * 3 * 3 * 4 + 4) + (3 * 3 * 4 * 8 + 8) + (2 * 2 * 8 * 10 + 10)
+    assert "Conv4-Pool-Conv8-Pool-Dense10" in bench_extend.markdown(TINY_CNN, rows)
+
+
+def test_bench_extend_cnn_without_torch_skips_backpack_with_a_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    monkeypatch.setitem(sys.modules, "backpack", None)
+    rows, log = _bench_tiny_cnn(["batch_l2_grad", "kfac_factors"])
+    assert "BackPACK skipped" in log
+    l2, kfac = rows
+    assert set(l2.times) == {"bpjax", "vmap(grad)"} and l2.mismatch < AGREE
+    assert l2.mismatch_backpack is None
+    assert set(kfac.times) == {"bpjax"} and kfac.note == "no vmap(grad) version for this network"
+
+
+def test_bench_extend_says_which_quantity_bpjax_rejects(monkeypatch):
+    original = bench_extend.bpjax_functions
+
+    def hvp(*args):
+        raise TypeError("net: no hvp for this network.")
+
+    monkeypatch.setattr(bench_extend, "bpjax_functions", lambda net: {**original(net), "hvp": hvp})
+    (row,), log = _bench_tiny_cnn(["hvp"])
+    assert row.times == {} and row.note == "skipped (bpjax: TypeError)"
+    assert "no hvp for this network" in log
+
+
+def test_torch_model_of_the_cnn_has_bpjax_logits():
+    torch = pytest.importorskip("torch")
+    net = bench_extend.build_net(TINY_CNN)
+    params, x, _ = bench_extend.make_problem(net, TINY_CNN.batch, seed=0)
+    model, back = bench_extend.torch_model(net, params)
+    nchw = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        logits = model(nchw).numpy()
+    _, cache = net.forward(params, x)
+    # float32 sums of ≤ 72 terms in each library's order: 1e-5 of the largest logit holds that
+    np.testing.assert_allclose(logits, cache.layers[-1].z, atol=1e-5 * np.abs(logits).max())
+    # and every torch parameter maps back onto the bpjax leaf it came from
+    for (i, key, to_bpjax), p in zip(back, model.parameters(), strict=True):
+        np.testing.assert_array_equal(to_bpjax(p.detach().numpy()), params[i][key])
+
+
+def test_bench_extend_cli_takes_the_cnn(capsys):
+    args = bench_extend.parse_args(["--sizes", "cnn", "cnn:16@8", "8,16,4@8"])
+    cnn, small, mlp = args.sizes
+    assert cnn == bench_extend.CASES["cnn"]
+    assert (cnn.image, cnn.channels, cnn.batch) == ((32, 32, 3), (32, 64), 128)
+    assert (small.image, small.batch) == ((16, 16, 3), 8)
+    assert mlp.sizes == (8, 16, 4)
+    with pytest.raises(SystemExit):
+        bench_extend.parse_args(["--sizes", "cnn:2@8"])
+    assert "image side" in capsys.readouterr().err
 
 
 def test_dp_sgd_quick_run_clips_like_vmap_grad(tmp_path):
