@@ -42,6 +42,12 @@ pair takes the general route: ``H_n`` by ``jax.hessian`` of the per-example loss
 squared error; the formulas stay exact. :func:`diag_ggn_mc` samples targets from the model's
 predictive distribution and so needs a canonical pair (a likelihood); it raises otherwise.
 
+The exact diagonal Hessian, :func:`diag_hessian` (and each example's share,
+:func:`batch_diag_hessian`), adds what the GGN drops: at every hidden activation the curvature
+``R^l = diag(f''(z^l) ∘ ∂C_n/∂a^l)`` enters the recursion as further signed columns, so
+``diag(∇²C) = diag(GGN) + the R terms sent down``; Dense and Conv2D layers with any activation,
+the pools, Flatten, Dropout and a first Embedding (:mod:`bpjax.extend.diag_hessian`).
+
 Second order: :func:`hvp` is forward mode (``jax.jvp``) over the hand-written backward, so
 ``∇²C v`` costs about two backward passes; :func:`levenberg_marquardt_step` solves the damped
 Gauss-Newton system with the per-example Jacobian built by the same recursion.
@@ -68,6 +74,7 @@ under ``jax.jit`` and ``jax.vmap``, in evaluation mode (no dropout key).
 The modules: :mod:`bpjax.extend.rules` (the per-layer rules and the generic one),
 :mod:`bpjax.extend.first_order` (the per-example quantities of the first table),
 :mod:`bpjax.extend.second_order` (the curvature and second order),
+:mod:`bpjax.extend.diag_hessian` (the exact Hessian diagonal),
 :mod:`bpjax.extend.ggn_products` (:func:`ggn_vp`, :func:`sqrt_ggn`, :func:`sqrt_ggn_mc`: the GGN
 without forming it) and :mod:`bpjax.extend.passes` (the forward pass and δ-recursions they
 share). The order-2 harness that checks :func:`hvp` and
@@ -78,6 +85,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bpjax.extend.diag_hessian import batch_diag_hessian, diag_hessian
 from bpjax.extend.first_order import (
     batch_grad,
     batch_l2_grad,
@@ -104,12 +112,14 @@ __all__ = [
     "KFACFactors",
     "SqrtGGN",
     "batch_diag_ggn",
+    "batch_diag_hessian",
     "batch_grad",
     "batch_l2_grad",
     "check_curvature",
     "clipped_grad",
     "diag_ggn",
     "diag_ggn_mc",
+    "diag_hessian",
     "ggn_vp",
     "hvp",
     "kfac_factors",

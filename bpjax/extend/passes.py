@@ -25,6 +25,7 @@ from bpjax.network import Cache, OutputError
 
 __all__ = [
     "ForwardPass",
+    "block_diagonal_factor",
     "check_dense_net",
     "check_like_params",
     "check_net",
@@ -269,3 +270,28 @@ def factor_deltas(net: Any, params: Params, cache: Cache, factor: Array) -> list
         return net.backprop(params, cache, start)[1]
 
     return jax.vmap(down, in_axes=factor.ndim - 1)(factor)
+
+
+def block_diagonal_factor(
+    factor: Array, signs: Array | None, shape: tuple[int, ...], *, mean: bool
+) -> tuple[Array, Array | None]:
+    """Rows' factors ``(batch·P, n, k)`` as each example's: ``(batch, ..., n, P·k)``.
+
+    An example with ``P`` positions (``shape = (batch, ..., n)``) whose matrix is block diagonal
+    over them, one block ``M_p = s_p d_p s_pᵀ`` per position, has a factor with a column
+    ``(q, c)`` per position and row column, equal to ``s_{p,c}`` at position ``q = p`` and 0
+    elsewhere. With ``mean`` every column is divided by ``√P``: ``C_n = (1/P) Σ_p ℓ_p`` is the
+    mean over its positions, so the loss Hessian's blocks are ``H_p / P``. For ``P = 1``,
+    ``factor`` itself. ``signs`` ``(batch·P, k)`` become ``(batch, P·k)``.
+    """
+    batch, n = shape[0], shape[-1]
+    positions = factor.shape[0] // batch if batch else int(np.prod(shape[1:-1], dtype=int))
+    k = factor.shape[-1]
+    if positions == 1:
+        return factor.reshape(*shape, k), signs
+    f = factor.reshape(batch, positions, n, k)
+    f = jnp.einsum("bpnc,pq->bpnqc", f, jnp.eye(positions, dtype=factor.dtype))
+    if mean:
+        f = f / jnp.sqrt(jnp.asarray(positions, factor.dtype))
+    f = f.reshape(*shape, positions * k)
+    return f, None if signs is None else signs.reshape(batch, positions * k)

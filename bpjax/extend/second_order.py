@@ -25,6 +25,7 @@ from bpjax._validate import check_key
 from bpjax.extend import rules
 from bpjax.extend.passes import (
     ForwardPass,
+    block_diagonal_factor,
     check_like_params,
     check_net,
     check_positive,
@@ -92,27 +93,6 @@ def _row_factor(net: Any, v: Array, y: Array) -> tuple[Array, Array | None]:
     return eigvecs * jnp.sqrt(jnp.abs(eigvals))[:, None, :], jnp.sign(eigvals)
 
 
-def _by_example(
-    factor: Array, signs: Array | None, shape: tuple[int, ...]
-) -> tuple[Array, Array | None]:
-    """Rows' factors ``(batch·P, n, k)`` as each example's: ``(batch, ..., n, P·k)``.
-
-    ``C_n = (1/P) Σ_p ℓ_p`` over its ``P`` output positions, so ``H_n`` is block diagonal with
-    blocks ``H_p / P``; its factor has a column ``(q, c)`` per position and row column, equal to
-    ``s_{p,c} / √P`` at position ``q = p`` and 0 elsewhere. For ``P = 1``, ``factor`` itself.
-    """
-    batch, n = shape[0], shape[-1]
-    positions = factor.shape[0] // batch
-    k = factor.shape[-1]
-    if positions == 1:
-        return factor.reshape(*shape, k), signs
-    f = factor.reshape(batch, positions, n, k)
-    eye = jnp.eye(positions, dtype=factor.dtype)
-    f = jnp.einsum("bpnc,pq->bpnqc", f, eye) / jnp.sqrt(jnp.asarray(positions, factor.dtype))
-    f = f.reshape(*shape, positions * k)
-    return f, None if signs is None else signs.reshape(batch, positions * k)
-
-
 def loss_hessian_factor(net: Any, z: Array, y: Array) -> tuple[Array, Array | None]:
     """A factor ``S_n D_n S_nᵀ = H_n`` of the loss Hessian at the output.
 
@@ -133,7 +113,7 @@ def loss_hessian_factor(net: Any, z: Array, y: Array) -> tuple[Array, Array | No
     """
     check_net(net)
     factor, signs = _row_factor(net, z.reshape(-1, z.shape[-1]), y)
-    return _by_example(factor, signs, z.shape)
+    return block_diagonal_factor(factor, signs, z.shape, mean=True)
 
 
 def curvature_deltas(
@@ -299,7 +279,7 @@ def sampled_loss_factor(net: Any, fwd: ForwardPass, key: PRNGKey, samples: int) 
     """
     v = output_variable(net, fwd.cache)
     rows = _sampled_factor(net, v.reshape(-1, v.shape[-1]), fwd.y, key, samples)
-    return _by_example(rows, None, v.shape)[0]
+    return block_diagonal_factor(rows, None, v.shape, mean=True)[0]
 
 
 @compiled()
