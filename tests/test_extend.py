@@ -398,8 +398,9 @@ def test_check_curvature_reports_every_leaf(x64):
     assert {row.reference for row in report.rows} == {
         "jax.hessian (hvp)",
         "jax.jacobian GGN (diag_ggn)",
+        "jax.hessian diagonal (diag_hessian)",
     }
-    assert len(report.rows) == 2 * 4
+    assert len(report.rows) == 3 * 4
     assert report.dtype == "float64" and report.first_bad_layer is None
 
 

@@ -69,8 +69,10 @@ def check_mlp(
         (your own, or a deliberately broken copy).
       order: ``2`` adds the second-order rows of :func:`bpjax.check.check_curvature`: the
         Hessian-vector product over the manual backward against ``jax.hessian`` of ``net.loss``,
-        and the exact GGN diagonal against ``(1/B) Σ_n J_nᵀ H_n J_n`` from ``jax.jacobian`` and
-        ``jax.hessian`` (``P × P`` matrices: for small networks).
+        the exact GGN diagonal against ``(1/B) Σ_n J_nᵀ H_n J_n`` from ``jax.jacobian`` and
+        ``jax.hessian``, and the exact Hessian diagonal against that of ``jax.hessian`` where
+        :func:`~bpjax.extend.diag_hessian` takes the network (``P × P`` matrices: for small
+        networks).
       **kwargs: passed on to :func:`check_grads` (``rtol``, ``atol``, ``directions``, ``seed``,
         ``jit``, ``references``).
 
@@ -138,7 +140,8 @@ def _input_rows(manual: Any, measured: Measured) -> list[CheckRow]:
 def _check_order(order: Any) -> None:
     if isinstance(order, bool) or order not in (1, 2):
         raise ValueError(
-            f"order: expected 1 (gradients) or 2 (also hvp and the GGN diagonal), got {order!r}."
+            "order: expected 1 (gradients) or 2 (also hvp and the GGN and Hessian diagonals), "
+            f"got {order!r}."
         )
 
 
@@ -187,7 +190,7 @@ def check_network(
       backward: ``backward(params, cache, y) -> Backward`` to check instead of ``net.backward``.
       key: the PRNG key of a training-mode forward (layers with ``needs_key``, such as Dropout);
         the manual and the reference passes draw the same randomness from it.
-      order: ``2`` adds the second-order rows (hvp and the GGN diagonal, as in
+      order: ``2`` adds the second-order rows (hvp, the GGN and Hessian diagonals, as in
         :func:`check_mlp`), for any network (:mod:`bpjax.extend` covers every layer), in
         evaluation mode.
         An MLP takes no ``key``.

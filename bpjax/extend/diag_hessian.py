@@ -29,8 +29,9 @@ an :class:`~bpjax.layers.Embedding` first. A built-in elementwise activation con
 :class:`~bpjax.Activation` (which may couple a row's units) contribute each row's
 ``∂²(g · f(z))/∂z²`` by ``jax.hessian`` and its eigendecomposition, ``n`` columns per row either
 way. Cost: one recursion per column, ``k`` columns per example where ``k`` is the loss factor's plus
-the size of every hidden ``z`` above the layer — BackPACK's cost too; :func:`~bpjax.extend.hvp`
-gives Hessian-vector products at the cost of two backward passes instead.
+the size of every hidden ``z`` above the layer with a curved activation (identity, ReLU and leaky
+ReLU add none, so there it costs :func:`~bpjax.extend.diag_ggn`) — BackPACK's cost too;
+:func:`~bpjax.extend.hvp` gives Hessian-vector products at the cost of two backward passes.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ __all__ = ["batch_diag_hessian", "check_hessian_net", "diag_hessian"]
 _WEIGHTED = (Dense, Conv2D)
 _PIECEWISE_LINEAR = (Flatten, MaxPool2D, AvgPool2D, Dropout)
 _ELEMENTWISE = tuple(act for name, act in _act.ACTIVATIONS.items() if name != "softmax")
+# f'' = 0 wherever f is differentiable (everywhere but the kink, which jax.hessian also reads as
+# 0): no residual columns, so a ReLU network's diag_hessian costs what its diag_ggn does.
+_PIECEWISE_LINEAR_ACTIVATIONS = (_act.identity, _act.relu, _act.leaky_relu)
 
 
 def check_hessian_net(net: Any) -> tuple[Any, ...]:
@@ -168,9 +172,10 @@ def _hessian_sums(net: Any, params: Params, x: Array, y: Array, per_example: boo
             else:
                 delta = layer.delta(c, g)
                 columns = jax.vmap(layer.delta, in_axes=(None, 0))(c, columns)
-                r_factor, r_signs = _activation_factor(layer.activation, c.z, g)
-                columns = jnp.concatenate([columns, _columns(r_factor)])
-                weights = jnp.concatenate([weights, r_signs.T.astype(dtype) / batch])
+                if layer.activation not in _PIECEWISE_LINEAR_ACTIVATIONS:
+                    r_factor, r_signs = _activation_factor(layer.activation, c.z, g)
+                    columns = jnp.concatenate([columns, _columns(r_factor)])
+                    weights = jnp.concatenate([weights, r_signs.T.astype(dtype) / batch])
             out[i] = rule(records[i], columns, weights)
             g = delta
         else:
