@@ -51,10 +51,10 @@ from benchmarks.bench_mlp import (
     Stats,
     auto_repeats,
     grad_mismatch,
-    machine_info,
     time_interleaved,
     warm_up,
 )
+from benchmarks.machine import describe, machine_info
 from bpjax.layers import Conv2D, Dense, Flatten, MaxPool2D
 from bpjax.rnn import LSTM, Elman, LastStep
 
@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     console.print(render_table(results))
     info = machine_info()
-    console.print(f"{info['device']}, {info['cpus_usable']} usable CPUs, jax {info['jax']}")
+    console.print(f"{describe(info)}, jax {info['jax']}")
     if args.json is not None:
         payload = {
             "machine": info,

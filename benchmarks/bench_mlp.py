@@ -34,8 +34,6 @@ import gc
 import itertools
 import json
 import math
-import os
-import platform
 import re
 import sys
 import time
@@ -50,6 +48,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.machine import describe, machine_info
 from bpjax import ACTIVATIONS, LOSSES, MLP
 from bpjax._types import Array, Params
 
@@ -110,6 +112,7 @@ class Result(NamedTuple):
     backward_flops: int
     grad_mismatch: float  # max |manual − jax.grad| over every leaf, relative to max |jax.grad|
     hlo: dict[str, dict[str, float]] | None = None  # hlo_summary by function name, with --hlo
+    peak_mib: dict[str, float] | None = None  # compiled_peak_mib of manual and jax.grad
 
 
 # -- FLOP counts ---------------------------------------------------------------------------------
@@ -269,6 +272,7 @@ def bench_case(
         backward_flops=backward_flops,
         grad_mismatch=mismatch,
         hlo={name: hlo_summary(fn, args) for name, fn in fns.items()} if hlo else None,
+        peak_mib={name: compiled_peak_mib(fns[name], args) for name in ("manual", "jax.grad")},
     )
 
 
@@ -316,33 +320,26 @@ def hlo_summary(fn: Any, args: tuple[Any, ...]) -> dict[str, float]:
     }
 
 
+def compiled_peak_mib(fn: Any, args: tuple[Any, ...]) -> float:
+    """The compiled program's peak memory in MiB, from XLA's ``memory_analysis()``.
+
+    ``arguments + outputs + temporaries − aliased`` bytes: what the program holds at once
+    (XLA plans the temporaries' buffer reuse, so their total is already the peak). NaN where the
+    backend gives no analysis.
+    """
+    analysis = fn.lower(*args).compile().memory_analysis()
+    if analysis is None:
+        return math.nan
+    total = (
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        + analysis.temp_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
+    return total / 2**20
+
+
 # -- reporting -----------------------------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    """The software and hardware the timings were taken on."""
-    device = jax.devices()[0]
-    affinity = getattr(os, "sched_getaffinity", None)
-    return {
-        "jax": jax.__version__,
-        "jaxlib": _jaxlib_version(),
-        "python": platform.python_version(),
-        "backend": jax.default_backend(),
-        "device": f"{device.platform}:{device.device_kind}",
-        "device_count": jax.device_count(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(affinity(0)) if affinity else None,
-        "machine": f"{platform.system()} {platform.machine()} {platform.processor()}".strip(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    }
-
-
-def _jaxlib_version() -> str | None:
-    try:
-        import jaxlib
-    except ImportError:
-        return None
-    return getattr(jaxlib, "__version__", None)
 
 
 def _ms(stats: Stats) -> str:
@@ -368,6 +365,7 @@ def render_table(results: Sequence[Result], *, title: str, target: float) -> Tab
         "manual\n/ fwd",
         "jax.grad\n/ fwd",
         "FLOP\nlimit",
+        "peak MiB\nmanual / jax",
         "max|Δ∇|\n/max|∇|",
     ):
         table.add_column(header, justify="right", no_wrap=True)
@@ -383,9 +381,16 @@ def render_table(results: Sequence[Result], *, title: str, target: float) -> Tab
             f"{r.vag_over_forward['manual']:.2f}",
             f"{r.vag_over_forward['jax.grad']:.2f}",
             f"{r.flop_limit:.2f}",
+            _peak_cell(r.peak_mib),
             f"{r.grad_mismatch:.1e}",
         )
     return table
+
+
+def _peak_cell(peak_mib: dict[str, float] | None) -> str:
+    if not peak_mib:
+        return "—"
+    return f"{peak_mib['manual']:.1f} / {peak_mib['jax.grad']:.1f}"
 
 
 def render_hlo_table(results: Sequence[Result]) -> Table:
@@ -427,6 +432,7 @@ def result_to_json(result: Result) -> dict[str, Any]:
         "forward_flops": result.forward_flops,
         "backward_flops": result.backward_flops,
         "grad_mismatch": result.grad_mismatch,
+        "peak_mib": result.peak_mib,
         "hlo": result.hlo,
     }
 
@@ -537,7 +543,7 @@ def print_header(console: Console, settings: dict[str, Any]) -> None:
     console.print(
         f"jax {m['jax']} (jaxlib {m['jaxlib']}), python {m['python']}; backend {m['backend']}, "
         f"device {m['device']} ×{m['device_count']}; CPUs {m['cpu_count']} "
-        f"({m['cpus_usable']} usable); {m['machine']}"
+        f"({m['cpus_usable']} usable); {m['machine']}; {describe(m)}"
         + (f"; XLA_FLAGS={m['xla_flags']}" if m["xla_flags"] else "")
     )
     console.print(

@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -68,7 +67,8 @@ from bpjax.layers import Conv2D, Dense, Flatten, MaxPool2D
 if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_mlp import Stats, auto_repeats, machine_info, time_interleaved
+from benchmarks.bench_mlp import Stats, auto_repeats, time_interleaved
+from benchmarks.machine import describe, machine_info
 
 N_TRAIN = 1437  # 80% of the 1797 digits, as in tests/test_digits_cnn.py
 IMPLEMENTATIONS = ("bpjax", "vmap(grad)")
@@ -459,17 +459,6 @@ def result_to_json(r: Result) -> dict[str, Any]:
 # -- command line --------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else ``platform.processor()``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument(
@@ -530,10 +519,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     settings = settings_of(args)
     console = Console(width=None if sys.stdout.isatty() else 160)
-    m = machine_info() | {"cpu_model": cpu_model()}
+    m = machine_info()
     console.print(
-        f"jax {m['jax']}, backend {m['backend']}, CPUs {m['cpu_count']} ({m['cpus_usable']} "
-        f"usable), {m['machine']}, {m['cpu_model']}; σ = {settings.sigma}, C = {settings.clip}, "
+        f"jax {m['jax']}, backend {m['backend']}, {describe(m)}; "
+        f"σ = {settings.sigma}, C = {settings.clip}, "
         f"lr = {settings.lr} · B/{LR_BATCH}, SGD momentum 0.9, {settings.epochs} epochs, "
         f"{settings.dtype}"
     )

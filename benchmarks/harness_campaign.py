@@ -68,7 +68,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -81,6 +80,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bpjax as bp
+from benchmarks.machine import cpu_isa, cpu_model, xla_max_isa
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "harness_campaign.json"
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "bpjax_harness_campaign_jax_cache"
@@ -539,16 +539,9 @@ def print_tally(title: str, table: dict[str, dict[str, int]]) -> None:
 def environment() -> dict[str, Any]:
     import jaxlib
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "numpy": np.__version__,
-            "python": sys.version.split()[0], "cpu": cpu, "backend": jax.default_backend(),
+            "python": sys.version.split()[0], "cpu": cpu_model(), "cpu_isa": cpu_isa(),
+            "xla_max_isa": xla_max_isa(), "backend": jax.default_backend(),
             "bpjax": str(Path(bp.__file__).parent)}  # fmt: skip
 
 

@@ -61,6 +61,7 @@ if __package__ in (None, ""):  # run as a script: make the benchmarks package im
 import bpjax as bp
 from benchmarks import bench_extend, bench_layers, bench_mlp, peers, plots
 from benchmarks.bench_mlp import Case, Stats
+from benchmarks.machine import describe
 from bpjax import MLP
 
 BENCHMARKS = ("mlp", "layers", "extend", "parallel")
@@ -149,6 +150,7 @@ class MLPRow(NamedTuple):
     manual_ratio: Stats  # bpjax manual / jax.grad, paired per round
     mismatch: dict[str, float]  # max |Δ∇| / max |∇| against jax.grad, by library
     devices: dict[str, str]  # where each library ran
+    peak_mib: dict[str, float] | None = None  # compiled peak memory: bpjax manual, jax.grad
 
 
 def torch_device() -> str:
@@ -215,7 +217,10 @@ def bench_mlp_case(case: Case, config: Config, *, seed: int, console: Console) -
         console.log(f"PyTorch eager skipped: {status}")
     time.sleep(config.pause_s)
     n_params = bench_extend.num_params(case.sizes)
-    return MLPRow(case, n_params, times, repeats, result.ratio, mismatch, devices)
+    peak = None if result.peak_mib is None else {
+        "bpjax manual": result.peak_mib["manual"], "jax.grad": result.peak_mib["jax.grad"]
+    }  # fmt: skip
+    return MLPRow(case, n_params, times, repeats, result.ratio, mismatch, devices, peak)
 
 
 def mlp_row_to_json(row: MLPRow) -> dict[str, Any]:
@@ -233,6 +238,7 @@ def mlp_row_to_json(row: MLPRow) -> dict[str, Any]:
         "ratio_of_medians_over_jax": {lib: s.median / jax_grad for lib, s in row.times.items()},
         "grad_mismatch_vs_jax": row.mismatch,
         "devices": row.devices,
+        "peak_mib": row.peak_mib,
     }
 
 
@@ -308,14 +314,15 @@ def _mlp_markdown(rows: Sequence[dict[str, Any]], torch: str) -> list[str]:
         "",
         "float32, tanh hidden layers, softmax + cross-entropy; ms as median [IQR]; ratios to "
         "jax.grad (bpjax manual: paired per round; the others: of medians); max rel Δ∇ against "
-        "jax.grad. Devices: "
+        "jax.grad; peak MiB of the compiled programs (XLA's memory_analysis: arguments + "
+        "outputs + temporaries). Devices: "
         + "; ".join(f"{lib} on {devices.get(lib, missing.get(lib))}" for lib in libraries)
         + ".",
         "",
         "| case | sizes @ batch | params | bpjax manual ms | jax.grad ms | PyTorch ms | NumPy ms "
         "| manual / jax.grad | PyTorch / jax.grad | NumPy / jax.grad | max rel Δ∇ "
-        "(manual, PyTorch, NumPy) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "(manual, PyTorch, NumPy) | peak MiB manual / jax.grad |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         times, ratios, diff = (
@@ -334,9 +341,15 @@ def _mlp_markdown(rows: Sequence[dict[str, Any]], torch: str) -> list[str]:
             )
             + " | "
             + ", ".join(f"{diff[lib]:.0e}" if lib in diff else "—" for lib in checked)
-            + " |"
+            + f" | {_peak(r.get('peak_mib'))} |"
         )
     return lines
+
+
+def _peak(peak_mib: dict[str, float] | None) -> str:
+    if not peak_mib:
+        return "—"
+    return f"{peak_mib['bpjax manual']:.1f} / {peak_mib['jax.grad']:.1f}"
 
 
 def _layers_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -366,8 +379,8 @@ def render_markdown(payload: dict[str, Any]) -> str:
     lines = [
         f"## bpjax benchmark suite ({payload['platform']}{', quick' if payload['quick'] else ''})",
         "",
-        f"Measured {payload['date']} in {payload['total_s']:.0f} s on {m['device']} "
-        f"({m['cpus_usable']} usable CPUs, {m['machine']}), jax {m['jax']}, python "
+        f"Measured {payload['date']} in {payload['total_s']:.0f} s on {describe(m)} "
+        f"({m['machine']}), jax {m['jax']}, python "
         f"{m['python']}, {payload['torch']}. Command: `{payload['command']}`.",
     ]
     load = payload.get("load_average")

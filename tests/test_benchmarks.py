@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import bench_extend, dp_sgd_digits, peers, run
+from benchmarks import bench_extend, dp_sgd_digits, machine, peers, run
 from bpjax import MLP
 
 # (activations, loss): every hidden activation and output pair the peers implement
@@ -155,6 +155,10 @@ def test_quick_suite_writes_json_markdown_and_plots(tmp_path, monkeypatch):
     # relative to the largest element of all leaves: 1e-5 holds that (used: ≤ 2e-7, any ISA)
     assert all(0 <= diff < 1e-5 for diff in mlp["grad_mismatch_vs_jax"].values())
     assert all(s["q1"] <= s["median"] <= s["q3"] for s in mlp["times_s"].values())
+    # both programs hold at least their arguments (params and the batch, float32) and the output
+    floor = 4 * (mlp["params"] + 2 * mlp["batch"] * mlp["sizes"][0]) / 2**20
+    assert all(floor <= mib < 1024 for mib in mlp["peak_mib"].values()), mlp["peak_mib"]
+    assert {"cpu_model", "cpu_isa", "xla_max_isa"} <= set(payload["machine"])
     (layers,) = benchmarks["layers"]
     assert layers["grad_mismatch"] < 1e-5
     (extend,) = benchmarks["extend"]
@@ -186,6 +190,18 @@ def test_a_failing_parallel_benchmark_is_reported_not_raised(tmp_path):
     result = run.run_parallel(run.QUICK, console=run.Console(file=sys.stderr), script=script)
     assert result["status"] == "failed: exit status 3: boom"
     assert result["markdown"] == result["status"]
+
+
+def test_machine_names_the_cpu_isa_and_the_xla_cap(monkeypatch):
+    monkeypatch.setenv(
+        "XLA_FLAGS", "--xla_force_host_platform_device_count=2 --xla_cpu_max_isa=avx2"
+    )
+    info = machine.machine_info()
+    assert info["xla_max_isa"] == "AVX2"
+    assert info["cpu_isa"] in {"AVX512", "AVX2", "AVX", "SSE4_2", "SVE", "NEON", "unknown"}
+    assert info["cpu_model"] and "XLA capped at AVX2" in machine.describe(info)
+    monkeypatch.delenv("XLA_FLAGS")
+    assert machine.xla_max_isa() is None
 
 
 @pytest.mark.parametrize("argv", [["--only", "nothing"], ["--pause", "-1"]])
