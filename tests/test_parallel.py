@@ -73,7 +73,7 @@ def launched() -> Any:
     for proc in [worker, *hosts]:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+        proc.communicate()  # reaps it and closes its pipes, unread if `-k` skipped its report
 
 
 def _report(proc: subprocess.Popen[str], what: str) -> Any:
