@@ -71,25 +71,70 @@ def _data(name: str, batch: int, dtype: str):
     return net, params, x, y
 
 
-CNN = bp.serial(
-    bp.layers.Conv2D(3, 3, padding="SAME", activation="tanh"),
-    bp.layers.MaxPool2D(2),
-    bp.layers.LayerNorm(),
-    bp.layers.Flatten(),
-    Dense(3, "softmax"),
-    loss="cross_entropy",
-    input_shape=(4, 4, 2),
-)
+SEEDED = {
+    # every extend quantity but KFAC (LayerNorm has none) through the layers' rules
+    "cnn": bp.serial(
+        bp.layers.Conv2D(3, 3, padding="SAME", activation="tanh"),
+        bp.layers.MaxPool2D(2),
+        bp.layers.LayerNorm(),
+        bp.layers.Flatten(),
+        Dense(3, "softmax"),
+        loss="cross_entropy",
+        input_shape=(4, 4, 2),
+    ),
+    # KFC: A over each conv's patches (16 and 4 positions), through the layers' kfac_factors
+    "cnn_kfac": bp.serial(
+        bp.layers.Conv2D(3, 3, padding="SAME", activation="tanh"),
+        bp.layers.Conv2D(4, 2, strides=2, padding="VALID", activation="relu"),
+        bp.layers.Flatten(),
+        Dense(3, "softmax"),
+        loss="cross_entropy",
+        input_shape=(4, 4, 2),
+    ),
+    # many-to-one: the scans' zero carries must vary over the data axis like h_t
+    "lstm": bp.serial(
+        bp.layers.Embedding(5, 3),
+        bp.layers.LSTM(4),
+        bp.layers.LastStep(),
+        Dense(3, "softmax"),
+        loss="cross_entropy",
+        input_shape=(4,),
+    ),
+    # many-to-many, identity + squared error: the loss-Hessian columns are the same for every
+    # example (replicated), so the backward scan's carry must take its type from the cache
+    "elman": bp.serial(
+        bp.layers.Embedding(5, 3),
+        bp.layers.Elman(4),
+        Dense(2, "identity"),
+        loss="squared_error",
+        input_shape=(4,),
+    ),
+}
 
 
-def _cnn_data(batch: int):
-    """The CNN's params (biases made non-zero) and seeded numpy data."""
+def _seeded_data(name: str, batch: int):
+    """A SEEDED net's float64 params (biases made non-zero) and seeded numpy data."""
+    net = SEEDED[name]
     rng = np.random.default_rng(batch)
-    params = CNN.init(jax.random.key(batch), jnp.float64)
+    params = net.init(jax.random.key(batch), jnp.float64)
     params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape), params)
-    x = rng.normal(size=(batch, 4, 4, 2))
-    y = rng.integers(0, 3, size=batch).astype(np.int32)
-    return CNN, params, x, y
+    if name in ("lstm", "elman"):
+        x = rng.integers(0, 5, size=(batch, 4)).astype(np.int32)  # token ids
+    else:
+        x = rng.normal(size=(batch, 4, 4, 2))
+    if name == "elman":
+        y = rng.normal(size=(batch, 4, 2))  # a target per step
+    else:
+        y = rng.integers(0, 3, size=batch).astype(np.int32)
+    return net, params, x, y
+
+
+def _any_data(name: str, batch: int, dtype: str):
+    """NETS' data in ``dtype``, or SEEDED's (float64 only)."""
+    if name in SEEDED:
+        assert dtype == "float64", dtype
+        return _seeded_data(name, batch)
+    return _data(name, batch, dtype)
 
 
 _REFS: dict = {}
@@ -99,7 +144,7 @@ def _references(name: str, batch: int, dtype: str):
     """The single-device manual value_and_grad and jax.value_and_grad, in one compile."""
     key = (name, batch, dtype)
     if key not in _REFS:
-        net, params, x, y = _data(name, batch, dtype)
+        net, params, x, y = _any_data(name, batch, dtype)
 
         def both(params, x, y):
             return net.value_and_grad(params, x, y), jax.value_and_grad(net.loss)(params, x, y)
@@ -121,7 +166,7 @@ def _rel(got, want) -> float:
 
 def _grad_case(group, label, name, batch, dtype, make_step, mesh):
     refs = _references(name, batch, dtype)
-    net, params, x, y = _data(name, batch, dtype)
+    net, params, x, y = _any_data(name, batch, dtype)
     step = make_step(net, mesh)
     compiled = step.lower(params, x, y).compile()
     loss, grads = compiled(params, x, y)
@@ -197,13 +242,20 @@ def main() -> int:
     cases.append(_grad_case("mesh2d", "2d explicit", "mlp", 16, "float64", _2d, explicit_2x4))
     cases.append(_grad_case("float32", "2d", "mlp", 13, "float32", _2d, mesh(2, 4)))
     cases.append(_grad_case("float32", "dp", "mlp", 13, "float32", _dp, mesh(8)))
+    for name in ("lstm", "elman"):  # B = 13 on 4 shards: padded, masked sequences
+        cases.append(_grad_case("recurrent", "dp", name, 13, "float64", _dp, mesh(4)))
+    no_kfac = tuple(q for q in parallel.DATA_PARALLEL_QUANTITIES if q != "kfac_factors")
     for name, quantities in (
         ("mlp", parallel.DATA_PARALLEL_QUANTITIES),
         ("mlp_generic", ("kfac_factors",)),  # signed factors of an indefinite H_n
-        # every quantity but KFAC (Dense only) through the layers' rules, B = 13 on 4 shards
-        ("cnn", tuple(q for q in parallel.DATA_PARALLEL_QUANTITIES if q != "kfac_factors")),
+        # the layers' rules, B = 13 on 4 shards; LayerNorm, Embedding, LSTM and Elman have no
+        # Kronecker factors (bpjax.extend.kfac_factors refuses them too)
+        ("cnn", no_kfac),
+        ("cnn_kfac", ("kfac_factors",)),
+        ("lstm", no_kfac),
+        ("elman", no_kfac),
     ):
-        net, params, x, y = _cnn_data(13) if name == "cnn" else _data(name, 13, "float64")
+        net, params, x, y = _any_data(name, 13, "float64")
         sharded = {q: parallel.data_parallel_extend(net, mesh(4), q) for q in quantities}
         # one compile for all quantities each way: the jitted functions inline
         got = jax.jit(_all_of(sharded))(params, x, y)

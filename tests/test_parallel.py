@@ -73,7 +73,7 @@ def launched() -> Any:
     for proc in [worker, *hosts]:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+        proc.communicate()  # reaps it and closes its pipes, unread if `-k` skipped its report
 
 
 def _report(proc: subprocess.Popen[str], what: str) -> Any:
@@ -156,11 +156,32 @@ def test_float32_within_its_tolerance(cases):
 
 
 @pytest.mark.slow
+def test_recurrent_nets_equal_single_device_and_jax_grad(cases):
+    """Embedding + LSTM (many-to-one) and Embedding + Elman (many-to-many), B = 13 on 4."""
+    chosen = _group(cases, "recurrent", 2)
+    assert {c["case"].split()[1] for c in chosen} == {"lstm", "elman"}
+    _assert_close(chosen, GRAD_KEYS)
+
+
+@pytest.mark.slow
 def test_extend_quantities_reduce_like_the_gradient(cases):
     """sum_grad_squared, variance, diag_ggn, KFAC and the per-example ones, B = 13 on 4."""
     chosen = _group(cases, "extend", len(parallel.DATA_PARALLEL_QUANTITIES))
     assert {c["case"].split()[0] for c in chosen} == set(parallel.DATA_PARALLEL_QUANTITIES)
     _assert_close(chosen, ("vs_single_device",))
+
+
+@pytest.mark.slow
+def test_extend_quantities_cover_recurrent_and_conv_nets(cases):
+    """Every quantity on the LSTM and Elman nets but KFAC (they have none), KFC on convs."""
+    by_net: dict[str, set[str]] = {}
+    for c in _group(cases, "extend", 1):
+        quantity, name = c["case"].split()[:2]
+        by_net.setdefault(name, set()).add(quantity)
+    no_kfac = set(parallel.DATA_PARALLEL_QUANTITIES) - {"kfac_factors"}
+    for name in ("lstm", "elman", "cnn"):
+        assert by_net.get(name) == no_kfac, (name, by_net.get(name))
+    assert "kfac_factors" in by_net.get("cnn_kfac", set())
 
 
 @pytest.mark.slow
@@ -222,6 +243,41 @@ def test_bad_arguments_name_themselves():
     params = NET.init(jax.random.key(0))
     with pytest.raises(ValueError, match="y: expected 5 targets"):
         step(params, jnp.ones((5, 3)), jnp.zeros(4, jnp.int32))
+
+
+def _sequence_net(cell: Any) -> bp.Serial:
+    """Embedding + a recurrent layer + a per-step identity output: squared error per step."""
+    layers = [bp.layers.Embedding(5, 3), cell, Dense(2, "identity")]
+    return bp.serial(*layers, loss="squared_error", input_shape=(4,))
+
+
+@pytest.mark.parametrize("cell", [bp.layers.LSTM(3), bp.layers.Elman(3)], ids=["lstm", "elman"])
+def test_recurrent_layers_run_inside_shard_map(cell, x64):
+    """A scan's zero carry must vary over the data axis as its body's output does; one device
+    suffices to type-check it (the 8-device worker compares the numbers)."""
+    net = _sequence_net(cell)
+    params = net.init(jax.random.key(0), jnp.float64)
+    x = jax.random.randint(jax.random.key(1), (3, 4), 0, 5)
+    y = jax.random.normal(jax.random.key(2), (3, 4, 2), jnp.float64)
+    mesh = parallel.device_mesh(1)
+    loss, grads = parallel.data_parallel(net, mesh)(params, x, y)
+    want_loss, want_grads = net.value_and_grad(params, x, y)
+    assert jnp.allclose(loss, want_loss, rtol=1e-12)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        assert jnp.allclose(g, w, rtol=1e-12, atol=1e-15)
+    # identity + squared error: the loss-Hessian columns do not vary, the cached states do
+    diag = parallel.data_parallel_extend(net, mesh, "diag_ggn")(params, x, y)
+    want = bp.extend.diag_ggn(net, params, x, y)
+    for g, w in zip(jax.tree.leaves(diag), jax.tree.leaves(want), strict=True):
+        assert jnp.allclose(g, w, rtol=1e-12, atol=1e-15)
+
+
+def test_kfac_factors_name_a_layer_without_them():
+    net = _sequence_net(bp.layers.LSTM(3))
+    f = parallel.data_parallel_extend(net, parallel.device_mesh(1), "kfac_factors")
+    params = net.init(jax.random.key(0))
+    with pytest.raises(TypeError, match=r"layer 0 \(Embedding\) has params but no Kronecker"):
+        f(params, jnp.zeros((2, 4), jnp.int32), jnp.zeros((2, 4, 2)))
 
 
 def test_split_hidden_softmax_is_refused():

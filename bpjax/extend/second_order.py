@@ -42,6 +42,7 @@ from bpjax.extend.passes import (
 __all__ = [
     "KFACFactors",
     "batch_diag_ggn",
+    "check_kfac_net",
     "column_weights",
     "curvature_deltas",
     "diag_ggn",
@@ -50,6 +51,7 @@ __all__ = [
     "kfac_factors",
     "kfac_precondition",
     "kfac_preconditioner",
+    "layer_kfac_factors",
     "levenberg_marquardt_step",
     "loss_hessian_factor",
     "sampled_loss_factor",
@@ -307,6 +309,16 @@ def kfac_factors(net: Any, params: Params, x: Array, y: Array) -> list[KFACFacto
       TypeError: a layer with params and no Kronecker factors (only Dense and Conv2D have them;
         the diagonal quantities take any layer).
     """
+    check_kfac_net(net, params)
+    fwd = forward(net, params, x, y)
+    column_deltas, signs = curvature_deltas(net, params, fwd)
+    k, batch = column_deltas[0].shape[:2]
+    weights = column_weights(signs, k, batch, column_deltas[0].dtype)
+    return layer_kfac_factors(net, params, fwd, column_deltas, weights)
+
+
+def check_kfac_net(net: Any, params: Params) -> None:
+    """A ``TypeError`` unless every layer of ``net`` with params has ``kfac_factors``."""
     check_net(net)
     for i, layer in enumerate(net.layers):
         if not callable(getattr(layer, "kfac_factors", None)) and _has_params(params[i]):
@@ -315,16 +327,31 @@ def kfac_factors(net: Any, params: Params, x: Array, y: Array) -> list[KFACFacto
                 "Kronecker factors (Dense and Conv2D have them); use diag_ggn or "
                 "batch_diag_ggn for such a network."
             )
-    fwd = forward(net, params, x, y)
-    column_deltas, signs = curvature_deltas(net, params, fwd)
-    k, batch = column_deltas[0].shape[:2]
-    weights = column_weights(signs, k, batch, column_deltas[0].dtype)
+
+
+def layer_kfac_factors(
+    net: Any,
+    params: Params,
+    fwd: ForwardPass,
+    column_deltas: list[Array],
+    weights: Array,
+    example_weights: Array | None = None,
+) -> list[KFACFactors | None]:
+    """Each layer's own ``kfac_factors(params, cache, deltas, weights, example_weights)``.
+
+    ``column_deltas`` from :func:`curvature_deltas` (``(k, batch, ...)`` per layer), ``weights``
+    ``(k, batch)`` the GGN's ``w_{c,n}`` (:func:`column_weights`) for ``G``, and
+    ``example_weights`` ``(batch,)`` the ``v_n`` of ``A = Σ_n v_n ā_n ā_nᵀ`` (``None``:
+    ``1/B``). ``None`` for a layer without params (:func:`check_kfac_net` first).
+    """
     out: list[KFACFactors | None] = []
     for layer, p, c, d in zip(net.layers, params, fwd.cache.layers, column_deltas, strict=True):
         if not _has_params(p):
             out.append(None)
-        else:
+        elif example_weights is None:
             out.append(KFACFactors(*layer.kfac_factors(p, c, d, weights)))
+        else:
+            out.append(KFACFactors(*layer.kfac_factors(p, c, d, weights, example_weights)))
     return out
 
 

@@ -366,13 +366,19 @@ class Conv2D:
         return self._square_sums(cache, deltas, weights, per_example=True)
 
     def kfac_factors(
-        self, params: dict[str, Array], cache: Conv2DCache, deltas: Array, weights: Array
+        self,
+        params: dict[str, Array],
+        cache: Conv2DCache,
+        deltas: Array,
+        weights: Array,
+        example_weights: Array | None = None,
     ) -> tuple[Array, Array]:
         """KFC (Grosse & Martens 2016): KFAC's ``(A, G)`` over the unfolded patches ``u``, for
         ``W̄ = [W̃ | b]`` with ``W̃[o, (c, i, j)] = W[i, j, c, o]``: ``A`` of size
-        ``C_in k_h k_w + 1`` (the mean over positions), ``G`` of size ``features`` (the sum)."""
+        ``C_in k_h k_w + 1`` (the mean over positions), ``G`` of size ``features`` (the sum).
+        ``example_weights`` ``(batch,)`` replace ``A``'s ``1/B`` (see ``kfac_outer``)."""
         d = deltas.reshape(*deltas.shape[:2], -1, deltas.shape[-1])
-        return kfac_outer(d, self._patches(cache.x), weights)
+        return kfac_outer(d, self._patches(cache.x), weights, example_weights)
 
     def _check_input(self, params: dict[str, Array], x: Array) -> None:
         """At trace time: ``x`` is ``(batch, H, W, C_in)`` with ``W``'s ``C_in``, and fits."""

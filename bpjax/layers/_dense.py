@@ -145,12 +145,18 @@ class Dense:
         return {"W": example_outer_square_sums(d, x, weights), "b": bias}
 
     def kfac_factors(
-        self, params: dict[str, Array], cache: DenseCache, deltas: Array, weights: Array
+        self,
+        params: dict[str, Array],
+        cache: DenseCache,
+        deltas: Array,
+        weights: Array,
+        example_weights: Array | None = None,
     ) -> tuple[Array, Array]:
         """KFAC's ``(A, G)`` for ``W̄ = [W | b]``; with ``P`` positions (KFC's independence of
         positions) ``A = (1/(B·P)) Σ_{n,t} ā_{n,t} ā_{n,t}ᵀ``, ``ā = [x; 1]``, and
-        ``G = Σ_c Σ_n w_{c,n} Σ_t δ_{c,n,t} δ_{c,n,t}ᵀ``; ``deltas`` ``(k, batch, ..., n_out)``."""
-        return kfac_outer(_column_rows(deltas), _rows(cache.x), weights)
+        ``G = Σ_c Σ_n w_{c,n} Σ_t δ_{c,n,t} δ_{c,n,t}ᵀ``; ``deltas`` ``(k, batch, ..., n_out)``.
+        ``example_weights`` ``(batch,)`` replace ``A``'s ``1/B`` (see ``kfac_outer``)."""
+        return kfac_outer(_column_rows(deltas), _rows(cache.x), weights, example_weights)
 
 
 def _rows(v: Array) -> Array:

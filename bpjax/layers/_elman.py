@@ -32,6 +32,7 @@ from bpjax.layers._recurrent import (
     recurrent_square_sums,
     shifted,
     time_major,
+    zero_state,
 )
 
 __all__ = ["Elman", "ElmanCache"]
@@ -161,7 +162,7 @@ class Elman:
             h_t = f(z_t)  # h_t = f(z_t)
             return h_t, (z_t, h_t)
 
-        h0 = jnp.zeros((u.shape[0], self.hidden), u.dtype)
+        h0 = zero_state(u[:, 0], w_hh[0])  # h_0 = 0, (batch, hidden), typed like h_t (shard_map)
         _, (z, h) = jax.lax.scan(step, h0, time_major(u))
         return time_major(h), time_major(z)
 
@@ -187,7 +188,8 @@ class Elman:
         xs = tuple(time_major(a) for a in (cache.z, cache.h, dy))
         if keep is not None:
             xs = (*xs, jnp.asarray(keep))
-        dh_last = jnp.zeros_like(dy[:, 0])
+        # δ_{T+1} W_hh = 0, (batch, hidden); every forward state shares h's type (zero_state)
+        dh_last = zero_state(dy[:, 0], cache.h[:, 0], w_hh[0])
         _, delta = jax.lax.scan(step, dh_last, xs, reverse=True)
         return time_major(delta)
 

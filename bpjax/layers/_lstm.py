@@ -31,6 +31,7 @@ from bpjax.layers._recurrent import (
     recurrent_square_sums,
     shifted,
     time_major,
+    zero_state,
 )
 
 __all__ = ["LSTM", "LSTMCache"]
@@ -186,7 +187,7 @@ class LSTM:
             seqs = (jnp.concatenate([i, f, g, o], axis=-1), c_t, tanh_c, h_t)
             return (h_t, c_t), ((*seqs, z_t) if keep_z else seqs)
 
-        zeros = jnp.zeros((u.shape[0], hidden), u.dtype)
+        zeros = zero_state(u[:, 0, :hidden], w_h[0])  # h_0 = c_0 = 0, (batch, hidden)
         _, seqs = jax.lax.scan(step, (zeros, zeros), time_major(u))
         return tuple(time_major(a) for a in seqs)
 
@@ -223,7 +224,8 @@ class LSTM:
         xs = tuple(time_major(a) for a in (cache.gates, previous(cache.c), cache.tanh_c, dy))
         if keep is not None:
             xs = (*xs, jnp.asarray(keep))
-        zeros = jnp.zeros_like(dy[:, 0])
+        # (δ_{T+1} W_h, f_{T+1} ∘ dc_{T+1}) = 0; every forward state shares h's type (zero_state)
+        zeros = zero_state(dy[:, 0], cache.h[:, 0], w_h[0])
         _, delta = jax.lax.scan(step, (zeros, zeros), xs, reverse=True)
         return time_major(delta)
 

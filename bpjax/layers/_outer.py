@@ -123,7 +123,9 @@ def example_outer_square_sums(deltas: Array, a: Array, weights: Array) -> Array:
     )
 
 
-def kfac_outer(deltas: Array, a: Array, weights: Array) -> tuple[Array, Array]:
+def kfac_outer(
+    deltas: Array, a: Array, weights: Array, example_weights: Array | None = None
+) -> tuple[Array, Array]:
     """KFAC's Kronecker factors of ``W̄ = [W | b]`` for ``g = Σ_t δ_t [a_t; 1]ᵀ``.
 
     ``A = (1/(B·P)) Σ_{n,t} ā_{n,t} ā_{n,t}ᵀ`` with ``ā = [a; 1]`` (``(n + 1, n + 1)``) and
@@ -133,13 +135,21 @@ def kfac_outer(deltas: Array, a: Array, weights: Array) -> tuple[Array, Array]:
     same at every position), ``E[Σ_{t,t'} δ_t δ_{t'}ᵀ ⊗ ā_t ā_{t'}ᵀ] ≈ (Σ_t δ_t δ_tᵀ) ⊗
     mean_t(ā_t ā_tᵀ)``.
 
+    With ``example_weights`` ``v``, ``A = (1/P) Σ_n v_n Σ_t ā_{n,t} ā_{n,t}ᵀ`` instead: the
+    default is ``v_n = 1/B``; a shard of a split batch passes ``1/B`` of the whole batch, ``0``
+    on padding rows (:func:`bpjax.parallel.data_parallel_extend`), so the shards' sum is ``A``.
+
     Args:
       deltas: ``(k, batch, P, m)``.
       a: ``(batch, P, n)``.
       weights: ``(k, batch)``.
+      example_weights: ``(batch,)`` or ``None`` (``1/B`` each).
     """
     batch, positions = a.shape[:2]
     a_bar = jnp.concatenate([a, jnp.ones((*a.shape[:2], 1), a.dtype)], axis=-1)
-    factor_a = jnp.einsum("bpi,bpj->ij", a_bar, a_bar) / (batch * positions)
+    if example_weights is None:
+        factor_a = jnp.einsum("bpi,bpj->ij", a_bar, a_bar) / (batch * positions)
+    else:
+        factor_a = jnp.einsum("b,bpi,bpj->ij", example_weights, a_bar, a_bar) / positions
     factor_g = jnp.einsum("cb,cbpm,cbpk->mk", weights, deltas, deltas)
     return factor_a, factor_g

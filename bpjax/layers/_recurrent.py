@@ -83,6 +83,7 @@ __all__ = [
     "recurrent_square_sums",
     "shifted",
     "time_major",
+    "zero_state",
 ]
 
 
@@ -128,6 +129,25 @@ def check_error(layer: str, dy: Array, want: tuple[int, ...]) -> None:
 def time_major(a: Array) -> Array:
     """``(batch, T, ...) -> (T, batch, ...)``: lax.scan runs over the leading axis."""
     return jnp.swapaxes(a, 0, 1)
+
+
+def zero_state(like: Array, *inputs: Array) -> Array:
+    """Zeros of ``like``'s shape and dtype, typed as varying wherever ``like`` or ``inputs`` vary.
+
+    A scan's initial carry (``h_0 = c_0 = 0`` forward, ``δ_{T+1} W_h = 0`` backward).
+    ``lax.scan`` needs the carry to enter with the type the body gives it back, and under
+    :func:`jax.shard_map` that type records the mesh axes a value varies over: the body's
+    carry is computed from the step inputs and the recurrent weights, so it varies wherever
+    any of them does (the data axis, once the batch is split on it). ``jnp.zeros`` would be
+    replicated; here ``zeros_like`` of ``like`` (e.g. a slice of the weighted input ``u``),
+    plus ``zeros_like`` of each of ``inputs`` (each broadcasting to ``like``'s shape), inherit
+    their varying-ness. The values are exactly ``0`` (zeros added to zeros, no input read), and
+    outside ``shard_map``, under ``jit`` or ``vmap``, it is plain zeros of shape ``like.shape``.
+    """
+    zeros = jnp.zeros_like(like)
+    for a in inputs:
+        zeros = zeros + jnp.zeros_like(a, dtype=zeros.dtype)
+    return zeros
 
 
 def previous(a: Array) -> Array:

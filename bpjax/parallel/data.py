@@ -20,12 +20,13 @@ from jax.sharding import PartitionSpec as P
 from bpjax._types import Array, Params
 from bpjax.extend import rules
 from bpjax.extend.first_order import batch_grad, batch_l2_grad, variance_from_sums
-from bpjax.extend.passes import check_dense_net, check_net, example_deltas, forward
+from bpjax.extend.passes import check_net, example_deltas, forward
 from bpjax.extend.second_order import (
-    KFACFactors,
     batch_diag_ggn,
+    check_kfac_net,
     column_weights,
     curvature_deltas,
+    layer_kfac_factors,
 )
 from bpjax.network import Serial
 from bpjax.parallel.mesh import (
@@ -176,15 +177,8 @@ def _local_quantity(
     if quantity == "diag_ggn":
         out = [rules.square_sum(r, d, weights) for r, d in zip(records, column_deltas, strict=True)]
         return jax.lax.psum(out, axis)
-    # kfac_factors (Dense layers on vectors, checked by data_parallel_extend)
-    factors = []
-    for d, c in zip(column_deltas, fwd.caches, strict=True):
-        rows = c.x.shape[0]
-        a_bar = jnp.concatenate([c.x, jnp.ones((rows, 1), c.x.dtype)], axis=1)
-        weighted = d * weights[:, :, None]
-        g = weighted.reshape(k * rows, -1).T @ d.reshape(k * rows, -1)
-        a = (a_bar * mask[:, None]).T @ a_bar / batch
-        factors.append(KFACFactors(A=a, G=g))
+    # kfac_factors: each layer's own factors (checked by check_kfac_net), A with v_n = mask_n / B
+    factors = layer_kfac_factors(net, params, fwd, column_deltas, weights, mask / batch)
     return jax.lax.psum(factors, axis)
 
 
@@ -201,13 +195,16 @@ def data_parallel_extend(
         variance          max(0, psum_d(Σ_n (g_n)²)/B − (psum_d(Σ_n g_n)/B)²)
         diag_ggn          psum_d Σ_{n∈d} Σ_c d_{n,c} (g_{n,c})² / B
         kfac_factors      A = psum_d Σ_{n∈d} ā_n ā_nᵀ / B,  G = psum_d Σ_{n∈d} Σ_c d_{n,c} δ δᵀ / B
+                          (per layer by its own kfac_factors, as bpjax.extend's: Dense, and
+                          Conv2D's KFC over patches with A's mean over positions)
 
     The per-example ``batch_grad``, ``batch_l2_grad`` and ``batch_diag_ggn`` need no
     collective: they stay sharded over ``axis`` on their batch axis, padding rows dropped.
 
     Args:
-      net: a :class:`bpjax.MLP` or a :func:`bpjax.serial` network of any layers
-        (``kfac_factors``: Dense layers on vectors, as :func:`bpjax.extend.kfac_factors`).
+      net: a :class:`bpjax.MLP` or a :func:`bpjax.serial` network of any layers, recurrent
+        (Elman, LSTM) and convolutional ones included (``kfac_factors``: every layer with params
+        has Kronecker factors, Dense or Conv2D, as :func:`bpjax.extend.kfac_factors` needs).
       mesh: a :class:`jax.sharding.Mesh`.
       quantity: one of :data:`DATA_PARALLEL_QUANTITIES`.
       axis: the mesh axis the batch is split over.
@@ -217,7 +214,8 @@ def data_parallel_extend(
 
     Raises:
       ValueError: an unknown ``quantity`` or ``axis``.
-      TypeError: ``net`` not a network (``kfac_factors``: not one of Dense layers).
+      TypeError: ``net`` not a network; for ``kfac_factors``, at trace time, a layer with params
+        and no Kronecker factors (as :func:`bpjax.extend.kfac_factors`).
     """
     check_net(net)
     shards = check_mesh_axis(mesh, axis, "axis")
@@ -225,13 +223,13 @@ def data_parallel_extend(
         raise ValueError(
             f"quantity: expected one of {', '.join(DATA_PARALLEL_QUANTITIES)}, got {quantity!r}."
         )
-    if quantity == "kfac_factors":
-        check_dense_net(net, purpose="kfac_factors has Kronecker factors for")
     per_example = quantity in ("batch_grad", "batch_l2_grad", "batch_diag_ggn")
     out_spec = P(axis) if per_example else P()
 
     def run(params: Params, x: Array, y: Array) -> Any:
         batch, x = check_global_batch(net, params, x, y)
+        if quantity == "kfac_factors":
+            check_kfac_net(net, params)
         dtype = param_dtype(params)
         xp, yp, mask = pad(x, jnp.asarray(y), shards, dtype)
 
