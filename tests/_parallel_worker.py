@@ -244,16 +244,16 @@ def main() -> int:
     cases.append(_grad_case("float32", "dp", "mlp", 13, "float32", _dp, mesh(8)))
     for name in ("lstm", "elman"):  # B = 13 on 4 shards: padded, masked sequences
         cases.append(_grad_case("recurrent", "dp", name, 13, "float64", _dp, mesh(4)))
-    no_kfac = tuple(q for q in parallel.DATA_PARALLEL_QUANTITIES if q != "kfac_factors")
+    every = parallel.DATA_PARALLEL_QUANTITIES
     for name, quantities in (
-        ("mlp", parallel.DATA_PARALLEL_QUANTITIES),
+        ("mlp", every),
         ("mlp_generic", ("kfac_factors",)),  # signed factors of an indefinite H_n
-        # the layers' rules, B = 13 on 4 shards; LayerNorm, Embedding, LSTM and Elman have no
-        # Kronecker factors (bpjax.extend.kfac_factors refuses them too)
-        ("cnn", no_kfac),
+        # the layers' rules, B = 13 on 4 shards; LayerNorm, Residual, Embedding, LSTM and Elman
+        # have no Kronecker factors: kfac_factors gives them their GGN diagonal
+        ("cnn", every),
         ("cnn_kfac", ("kfac_factors",)),
-        ("lstm", no_kfac),
-        ("elman", no_kfac),
+        ("lstm", every),
+        ("elman", every),
     ):
         net, params, x, y = _any_data(name, 13, "float64")
         sharded = {q: parallel.data_parallel_extend(net, mesh(4), q) for q in quantities}

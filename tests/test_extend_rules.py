@@ -349,10 +349,34 @@ def test_kfc_factors_are_exact_for_one_example_at_one_position(x64):
     _close(got[1], grads[1], "no params")
 
 
-def test_kfac_names_a_layer_without_kronecker_factors(x64):
-    net, params, x, y = _data("cnn")
-    with pytest.raises(TypeError, match=r"layer 3 \(Residual\) has params but no Kronecker"):
-        bx.kfac_factors(net, params, x, y)
+@pytest.mark.parametrize("name", ["cnn", "lstm", "user"])
+def test_kfac_gives_the_ggn_diagonal_where_a_layer_has_no_kronecker_factors(x64, name):
+    net, params, x, y = _data(name)
+    factors = bx.kfac_factors(net, params, x, y)
+    diag = bx.diag_ggn(net, params, x, y)
+    grads = net.value_and_grad(params, x, y)[1]
+    got = bx.kfac_precondition(grads, factors, damping=0.3)
+    for layer, f, d, g, p in zip(net.layers, factors, diag, grads, got, strict=True):
+        if not jax.tree.leaves(d):
+            assert f is None
+        elif hasattr(layer, "kfac_factors"):
+            assert isinstance(f, bx.KFACFactors)
+        else:  # the exact GGN diagonal, and the damped diagonal solve
+            assert isinstance(f, bx.KFACDiagonal)
+            _close(f.diag, d, f"diagonal of {type(layer).__name__}")
+            _close(p, jax.tree.map(lambda gl, dl: gl / (dl + 0.3), g, d), "diagonal solve")
+
+
+def test_kfac_precondition_names_a_diagonal_that_does_not_fit(x64):
+    net, params, x, y = _data("user")
+    factors = bx.kfac_factors(net, params, x, y)
+    grads = net.value_and_grad(params, x, y)[1]
+    wrong = [*factors[:1], bx.KFACDiagonal({"s": jnp.ones(2)}), *factors[2:]]
+    with pytest.raises(ValueError, match=r"factors\[1\]: a KFACDiagonal shaped"):
+        bx.kfac_precondition(grads, wrong, damping=0.1)
+    negative = [*factors[:1], bx.KFACDiagonal({"s": -jnp.ones(4)}), *factors[2:]]
+    out = bx.kfac_precondition(grads, negative, damping=0.1)  # D + λ < 0: no PD block, NaN
+    assert bool(jnp.isnan(out[1]["s"]).all())
 
 
 @pytest.mark.parametrize("bad", [-0.01, 0.0, float("nan")])

@@ -173,14 +173,14 @@ def test_extend_quantities_reduce_like_the_gradient(cases):
 
 @pytest.mark.slow
 def test_extend_quantities_cover_recurrent_and_conv_nets(cases):
-    """Every quantity on the LSTM and Elman nets but KFAC (they have none), KFC on convs."""
+    """Every quantity on the LSTM, Elman and CNN nets (KFAC: their layers' GGN diagonals where
+    they have no Kronecker factors), and KFC on a conv net."""
     by_net: dict[str, set[str]] = {}
     for c in _group(cases, "extend", 1):
         quantity, name = c["case"].split()[:2]
         by_net.setdefault(name, set()).add(quantity)
-    no_kfac = set(parallel.DATA_PARALLEL_QUANTITIES) - {"kfac_factors"}
     for name in ("lstm", "elman", "cnn"):
-        assert by_net.get(name) == no_kfac, (name, by_net.get(name))
+        assert by_net.get(name) == set(parallel.DATA_PARALLEL_QUANTITIES), (name, by_net.get(name))
     assert "kfac_factors" in by_net.get("cnn_kfac", set())
 
 
@@ -272,12 +272,17 @@ def test_recurrent_layers_run_inside_shard_map(cell, x64):
         assert jnp.allclose(g, w, rtol=1e-12, atol=1e-15)
 
 
-def test_kfac_factors_name_a_layer_without_them():
+def test_kfac_factors_give_a_diagonal_for_a_layer_without_kronecker_factors(x64):
     net = _sequence_net(bp.layers.LSTM(3))
     f = parallel.data_parallel_extend(net, parallel.device_mesh(1), "kfac_factors")
-    params = net.init(jax.random.key(0))
-    with pytest.raises(TypeError, match=r"layer 0 \(Embedding\) has params but no Kronecker"):
-        f(params, jnp.zeros((2, 4), jnp.int32), jnp.zeros((2, 4, 2)))
+    params = net.init(jax.random.key(0), jnp.float64)
+    x = jnp.array([[0, 1, 2, 3], [4, 4, 1, 0]])
+    y = jax.random.normal(jax.random.key(1), (2, 4, 2), jnp.float64)
+    got, want = f(params, x, y), bp.extend.kfac_factors(net, params, x, y)
+    assert isinstance(got[0], bp.extend.KFACDiagonal)  # Embedding, and LSTM: their GGN diagonal
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert jnp.allclose(g, w, rtol=1e-12, atol=1e-15)  # float64 sums of a few products
 
 
 def test_split_hidden_softmax_is_refused():

@@ -63,7 +63,8 @@ The curvature is taken at ``z^L`` after a Dense or Conv2D output layer and at th
 output otherwise; an output with ``P`` positions has a block-diagonal ``H_n`` (``C_n`` is the mean
 over them) with ``P·n_L`` factor columns. :func:`batch_diag_ggn` is each example's share of
 :func:`diag_ggn`. :func:`kfac_factors` has Kronecker factors for Dense and Conv2D layers (KFC,
-over the unfolded patches).
+over the unfolded patches); every other layer with params gets :class:`KFACDiagonal`, its exact
+GGN diagonal (kfac-jax's diagonal block), which :func:`kfac_precondition` divides by.
 
 Every function takes ``(net, params, x, y, ...)``: ``net`` a :class:`bpjax.MLP` or a
 :func:`bpjax.serial` network of any layers (it is hashable: pass it as a static argument,
@@ -74,11 +75,12 @@ under ``jax.jit`` and ``jax.vmap``, in evaluation mode (no dropout key).
 The modules: :mod:`bpjax.extend.rules` (the per-layer rules and the generic one),
 :mod:`bpjax.extend.first_order` (the per-example quantities of the first table),
 :mod:`bpjax.extend.second_order` (the curvature and second order),
+:mod:`bpjax.extend.kfac` (Kronecker factors and the preconditioner),
 :mod:`bpjax.extend.diag_hessian` (the exact Hessian diagonal),
 :mod:`bpjax.extend.ggn_products` (:func:`ggn_vp`, :func:`sqrt_ggn`, :func:`sqrt_ggn_mc`: the GGN
 without forming it) and :mod:`bpjax.extend.passes` (the forward pass and δ-recursions they
-share). The order-2 harness that checks :func:`hvp` and
-:func:`diag_ggn` against explicit matrices is :func:`bpjax.check.curvature.check_curvature`.
+share). The order-2 harness that checks :func:`hvp`, :func:`diag_ggn` and
+:func:`diag_hessian` against explicit matrices is :func:`bpjax.check.curvature.check_curvature`.
 """
 
 from __future__ import annotations
@@ -94,21 +96,25 @@ from bpjax.extend.first_order import (
     variance,
 )
 from bpjax.extend.ggn_products import SqrtGGN, ggn_vp, sqrt_ggn, sqrt_ggn_mc
-from bpjax.extend.second_order import (
+from bpjax.extend.kfac import (
+    KFACDiagonal,
     KFACFactors,
+    kfac_factors,
+    kfac_precondition,
+    kfac_preconditioner,
+)
+from bpjax.extend.second_order import (
     batch_diag_ggn,
     diag_ggn,
     diag_ggn_mc,
     hvp,
-    kfac_factors,
-    kfac_precondition,
-    kfac_preconditioner,
     levenberg_marquardt_step,
     loss_hessian_factor,
 )
 
 __all__ = [
     "CURVATURE_REFERENCES",
+    "KFACDiagonal",
     "KFACFactors",
     "SqrtGGN",
     "batch_diag_ggn",

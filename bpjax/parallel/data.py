@@ -20,14 +20,9 @@ from jax.sharding import PartitionSpec as P
 from bpjax._types import Array, Params
 from bpjax.extend import rules
 from bpjax.extend.first_order import batch_grad, batch_l2_grad, variance_from_sums
+from bpjax.extend.kfac import check_kfac_net, layer_kfac_factors
 from bpjax.extend.passes import check_net, example_deltas, forward
-from bpjax.extend.second_order import (
-    batch_diag_ggn,
-    check_kfac_net,
-    column_weights,
-    curvature_deltas,
-    layer_kfac_factors,
-)
+from bpjax.extend.second_order import batch_diag_ggn, column_weights, curvature_deltas
 from bpjax.network import Serial
 from bpjax.parallel.mesh import (
     check_global_batch,
@@ -196,15 +191,15 @@ def data_parallel_extend(
         diag_ggn          psum_d Σ_{n∈d} Σ_c d_{n,c} (g_{n,c})² / B
         kfac_factors      A = psum_d Σ_{n∈d} ā_n ā_nᵀ / B,  G = psum_d Σ_{n∈d} Σ_c d_{n,c} δ δᵀ / B
                           (per layer by its own kfac_factors, as bpjax.extend's: Dense, and
-                          Conv2D's KFC over patches with A's mean over positions)
+                          Conv2D's KFC over patches with A's mean over positions; any other
+                          layer with params its GGN diagonal, a KFACDiagonal, as diag_ggn)
 
     The per-example ``batch_grad``, ``batch_l2_grad`` and ``batch_diag_ggn`` need no
     collective: they stay sharded over ``axis`` on their batch axis, padding rows dropped.
 
     Args:
       net: a :class:`bpjax.MLP` or a :func:`bpjax.serial` network of any layers, recurrent
-        (Elman, LSTM) and convolutional ones included (``kfac_factors``: every layer with params
-        has Kronecker factors, Dense or Conv2D, as :func:`bpjax.extend.kfac_factors` needs).
+        (Elman, LSTM) and convolutional ones included.
       mesh: a :class:`jax.sharding.Mesh`.
       quantity: one of :data:`DATA_PARALLEL_QUANTITIES`.
       axis: the mesh axis the batch is split over.
@@ -214,8 +209,7 @@ def data_parallel_extend(
 
     Raises:
       ValueError: an unknown ``quantity`` or ``axis``.
-      TypeError: ``net`` not a network; for ``kfac_factors``, at trace time, a layer with params
-        and no Kronecker factors (as :func:`bpjax.extend.kfac_factors`).
+      TypeError: ``net`` not a network.
     """
     check_net(net)
     shards = check_mesh_axis(mesh, axis, "axis")
