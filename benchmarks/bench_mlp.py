@@ -34,6 +34,7 @@ import gc
 import itertools
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -54,6 +55,7 @@ if __package__ in (None, ""):  # run as a script: make the benchmarks package im
 from benchmarks.machine import describe, machine_info
 from bpjax import ACTIVATIONS, LOSSES, MLP
 from bpjax._types import Array, Params
+from bpjax.layers import LAYOUT_ENV, weight_grad_layout
 
 DTYPE = jnp.float32
 
@@ -113,6 +115,7 @@ class Result(NamedTuple):
     grad_mismatch: float  # max |manual − jax.grad| over every leaf, relative to max |jax.grad|
     hlo: dict[str, dict[str, float]] | None = None  # hlo_summary by function name, with --hlo
     peak_mib: dict[str, float] | None = None  # compiled_peak_mib of manual and jax.grad
+    layouts: tuple[str, ...] = ()  # each Dense layer's ∇W dot layout (weight_grad_layout)
 
 
 # -- FLOP counts ---------------------------------------------------------------------------------
@@ -273,6 +276,10 @@ def bench_case(
         grad_mismatch=mismatch,
         hlo={name: hlo_summary(fn, args) for name, fn in fns.items()} if hlo else None,
         peak_mib={name: compiled_peak_mib(fns[name], args) for name in ("manual", "jax.grad")},
+        layouts=tuple(
+            weight_grad_layout(case.batch, n_out, n_in, DTYPE)
+            for n_in, n_out in itertools.pairwise(case.sizes)
+        ),
     )
 
 
@@ -433,6 +440,7 @@ def result_to_json(result: Result) -> dict[str, Any]:
         "backward_flops": result.backward_flops,
         "grad_mismatch": result.grad_mismatch,
         "peak_mib": result.peak_mib,
+        "weight_grad_layouts": list(result.layouts),
         "hlo": result.hlo,
     }
 
@@ -548,7 +556,8 @@ def print_header(console: Console, settings: dict[str, Any]) -> None:
     )
     console.print(
         f"dtype {settings['dtype']}, hidden {settings['activation']}, output "
-        f"{settings['output']}, loss {settings['loss']}"
+        f"{settings['output']}, loss {settings['loss']}; ∇W dot layout "
+        f"{os.environ.get(LAYOUT_ENV, 'auto') or 'auto'} ({LAYOUT_ENV})"
     )
 
 

@@ -36,7 +36,10 @@ time; also importable from :mod:`bpjax.rnn`). :class:`Sequential` is layers in s
 (what :func:`bpjax.serial` returns without a loss), so blocks nest; :func:`chain_init`,
 :func:`chain_forward`, :func:`layer_forward`, :func:`split_key` and :func:`check_layers` are the
 pieces a layer made of layers is built from (:class:`Residual`, :class:`Sequential` and networks
-use them). The protocol and the maths: docs/design.md.
+use them). :func:`weight_grad` is ``∇W = δᵀ a`` for Dense and the recurrent layers, its dot
+layout measured once per shape on the CPU that runs it (:func:`weight_grad_layout`; pin it with
+the environment variable ``BPJAX_WEIGHT_GRAD_LAYOUT=fold|materialise``). The protocol and the
+maths: docs/design.md.
 """
 
 from bpjax.layers._conv import Conv2D, Conv2DCache
@@ -53,6 +56,7 @@ from bpjax.layers._dense import Dense, DenseCache
 from bpjax.layers._dropout import Dropout, DropoutCache
 from bpjax.layers._elman import Elman, ElmanCache
 from bpjax.layers._embedding import Embedding, EmbeddingCache
+from bpjax.layers._layout import LAYOUT_ENV, weight_grad, weight_grad_layout
 from bpjax.layers._lstm import LSTM, LSTMCache
 from bpjax.layers._norm import LayerNorm, LayerNormCache
 from bpjax.layers._outer import column_sum
@@ -63,6 +67,7 @@ from bpjax.layers._residual import Residual, ResidualCache
 from bpjax.layers._sequential import Sequential, SequentialCache
 
 __all__ = [
+    "LAYOUT_ENV",
     "LSTM",
     "AvgPool2D",
     "Conv2D",
@@ -95,4 +100,6 @@ __all__ = [
     "column_sum",
     "layer_forward",
     "split_key",
+    "weight_grad",
+    "weight_grad_layout",
 ]

@@ -5,7 +5,8 @@ The names here are public so that a layer author can reuse them; the module itse
 
 - initialisers: :data:`INIT_SCALING`, :func:`checked_activation`, :func:`truncated_normal_weight`,
   :func:`orthogonal_weight`;
-- the weight gradient ``∇W = δᵀ a``: :func:`weight_grad`;
+- the weight gradient ``∇W = δᵀ a``: :func:`weight_grad` (from ``_layout``, where its dot layout
+  is measured per machine);
 - sizes (Python or NumPy integers): :func:`positive_int`;
 - windows over NHWC images (convolution, pooling): :data:`Pads`, :data:`Padding`,
   :func:`check_pair`, :func:`check_padding`, :func:`resolve_pads`, :func:`out_spatial`,
@@ -25,6 +26,7 @@ from jax import lax
 
 from bpjax import activations as _act
 from bpjax._types import Array, PRNGKey, is_int
+from bpjax.layers._layout import weight_grad
 
 __all__ = [
     "INIT_SCALING",
@@ -104,36 +106,6 @@ def orthogonal_weight(key: PRNGKey, shape: tuple[int, int], dtype: Any) -> Array
     """
     wide = dtype if jnp.finfo(dtype).bits >= 32 else jnp.float32  # QR in at least float32
     return jax.nn.initializers.orthogonal()(key, shape, wide).astype(dtype)
-
-
-# -- the weight gradient ---------------------------------------------------------------------
-
-# 2·B·n_l·n_{l-1} FLOPs above which ∇W materialises δᵀ on CPU (see weight_grad). Measured with
-# benchmarks/bench_mlp.py on a 2-core x86 CPU: a 2048×2048 ∇W at B=512 runs 28% faster through the
-# copy; 2048×1024 at B=512 breaks even; at 512×784 and B=256 the copy costs the whole step ~3%.
-_MATERIALISE_DELTA_T_FLOPS = 2**31
-
-
-def weight_grad(delta: Array, a_prev: Array) -> Array:
-    """``δᵀ a_prev``, shape ``(n_l, n_{l-1})``: the batch-summed outer products.
-
-    ``delta`` is ``(B, n_l)`` and ``a_prev`` is ``(B, n_{l-1})``, ``B`` the rows summed over (the
-    batch, or batch times the steps of a sequence).
-
-    XLA:CPU hands a dot to its fast library (YNNPACK) only when the left operand is not
-    transposed, and folds a plain ``δ.T`` into the dot; so for large dots on CPU ``δᵀ`` is
-    materialised first, an O(B·n_l) copy that makes the O(B·n_l·n_{l-1}) dot up to 28% faster.
-    Small dots and other platforms take ``δ.T`` as it is.
-    """
-    (batch, n_out), n_in = delta.shape, a_prev.shape[-1]
-    if 2 * batch * n_out * n_in <= _MATERIALISE_DELTA_T_FLOPS:
-        return delta.T @ a_prev
-    return jax.lax.platform_dependent(
-        delta,
-        a_prev,
-        cpu=lambda d, a: jax.lax.optimization_barrier(d.T) @ a,
-        default=lambda d, a: d.T @ a,
-    )
 
 
 # -- windows over NHWC images ----------------------------------------------------------------

@@ -1,0 +1,144 @@
+"""The weight gradient ``∇W = δᵀ a`` and its dot layout, measured on the machine that runs it.
+
+XLA:CPU hands a dot to its fast library (YNNPACK) only when the left operand is not transposed;
+a plain ``δ.T`` is folded into the dot (contracting dimension 0), which then runs on XLA's own
+kernels, as ``jax.grad``'s weight gradients do. Materialising ``δᵀ`` first (an ``O(B·n_l)`` copy)
+sends the ``O(B·n_l·n_{l-1})`` dot to YNNPACK, which is faster — or slower: it depends on the CPU
+and the shape (a 2048×2048 ``∇W`` at ``B = 512`` ran 28% faster through the copy on a 2-core
+AVX2 EPYC, while at 784×512, ``B = 256`` the copy cost that machine 3% of the step; on 2-core
+AVX-512 EPYCs the copy wins at every size of ``benchmarks/bench_mlp.py``, by 10–20% of the whole
+step at the small one). A constant tuned on one machine loses on another, so the layout is
+**measured once per process** for each ``(B, n_l, n_{l-1}, dtype)`` on the CPU that runs it, the
+first time a trace needs it, and cached: both layouts are compiled as a loop of dots in one
+program (so that dispatch overhead does not drown a small dot) and timed interleaved, best of
+3–7 calls — about 0.1 s per shape for small dots, up to 0.6 s for 2048×2048 at ``B = 512``.
+
+``BPJAX_WEIGHT_GRAD_LAYOUT=fold`` or ``=materialise`` pins the layout for every shape (for
+benchmarks and bit-for-bit reproducible runs: the two layouts sum in different orders, so their
+results differ in the last bits, and two runs measuring a near tie may choose differently);
+``auto`` (or unset) measures. Dots under :data:`MEASURE_FLOPS` and every non-CPU backend fold.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bpjax._types import Array
+
+__all__ = [
+    "LAYOUTS",
+    "LAYOUT_ENV",
+    "MEASURE_FLOPS",
+    "weight_grad",
+    "weight_grad_layout",
+]
+
+LAYOUTS = ("fold", "materialise")
+"""``fold``: ``δ.T @ a`` as XLA folds it; ``materialise``: ``δᵀ`` copied before the dot."""
+
+LAYOUT_ENV = "BPJAX_WEIGHT_GRAD_LAYOUT"
+"""The environment variable that pins the layout: one of :data:`LAYOUTS`, or ``auto``."""
+
+MEASURE_FLOPS = 2**21
+"""``2·B·n_l·n_{l-1}`` under which the dot folds unmeasured: a few microseconds, where the copy
+cannot pay off by more than the measurement's noise (and tests of tiny layers pay nothing)."""
+
+# The copy must win by this margin to be chosen: a near tie folds (one op fewer, the XLA default).
+_MARGIN = 0.97
+# FLOPs of dot per timed call: the dot runs in a loop inside one program so that the ~10 µs of a
+# dispatch does not drown a dot of a few microseconds (best of _ROUNDS interleaved calls).
+_FLOPS_PER_CALL = 2e8
+_MAX_REPEATS = 64
+_ROUNDS = (3, 7)  # interleaved timed calls per layout: as many as fit _BUDGET_S, within these
+_BUDGET_S = 0.15
+
+
+def weight_grad_layout(batch: int, n_out: int, n_in: int, dtype: Any) -> str:
+    """The layout of ``δᵀ a`` for ``δ`` ``(batch, n_out)`` and ``a`` ``(batch, n_in)``.
+
+    Returns:
+      ``"fold"`` or ``"materialise"``: the pin in ``BPJAX_WEIGHT_GRAD_LAYOUT`` if set, else
+      ``"fold"`` off CPU and for small dots, else the faster on this CPU, measured once.
+
+    Raises:
+      ValueError: ``BPJAX_WEIGHT_GRAD_LAYOUT`` set to something else.
+    """
+    pinned = os.environ.get(LAYOUT_ENV, "auto").strip().lower() or "auto"
+    if pinned in LAYOUTS:
+        return pinned
+    if pinned != "auto":
+        raise ValueError(
+            f"{LAYOUT_ENV}: expected one of {', '.join(LAYOUTS)} or auto, got {pinned!r}."
+        )
+    if 2 * batch * n_out * n_in < MEASURE_FLOPS or jax.default_backend() != "cpu":
+        return "fold"
+    return _measured_layout(batch, n_out, n_in, jnp.dtype(dtype).name)
+
+
+def _fold(delta: Array, a_prev: Array) -> Array:
+    return delta.T @ a_prev
+
+
+def _materialise(delta: Array, a_prev: Array) -> Array:
+    return jax.lax.optimization_barrier(delta.T) @ a_prev
+
+
+def _repeated(layout: Any, repeats: int) -> Any:
+    """``Σ_i layout(δ·(1 + iε), a)`` over ``repeats`` dots in one compiled program (the scale
+    keeps XLA from hoisting the dot out of the loop)."""
+
+    def run(delta: Array, a_prev: Array) -> Array:
+        def body(i: Array, total: Array) -> Array:
+            return total + layout(delta * (1 + i.astype(delta.dtype) * 1e-7), a_prev)
+
+        init = jnp.zeros((delta.shape[1], a_prev.shape[1]), delta.dtype)
+        return jax.lax.fori_loop(0, repeats, body, init)
+
+    return jax.jit(run)
+
+
+@functools.cache
+def _measured_layout(batch: int, n_out: int, n_in: int, dtype: str) -> str:
+    """The faster layout by the best of interleaved timings of both compiled dots."""
+    repeats = int(min(_MAX_REPEATS, max(1, _FLOPS_PER_CALL // (2 * batch * n_out * n_in))))
+    # Inside a caller's trace jnp ops would be staged into its program: evaluate them now.
+    with jax.ensure_compile_time_eval():
+        delta = jnp.full((batch, n_out), 0.5, dtype)
+        a_prev = jnp.full((batch, n_in), 0.25, dtype)
+        fns = {
+            name: _repeated(layout, repeats)
+            for name, layout in zip(LAYOUTS, (_fold, _materialise), strict=True)
+        }
+        for fn in fns.values():
+            fn(delta, a_prev).block_until_ready()  # compile and warm up
+        start = time.perf_counter()
+        fns["fold"](delta, a_prev).block_until_ready()
+        once = time.perf_counter() - start
+        rounds = int(min(_ROUNDS[1], max(_ROUNDS[0], _BUDGET_S / max(once, 1e-6))))
+        best = dict.fromkeys(LAYOUTS, float("inf"))
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn(delta, a_prev).block_until_ready()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return "materialise" if best["materialise"] < _MARGIN * best["fold"] else "fold"
+
+
+def weight_grad(delta: Array, a_prev: Array) -> Array:
+    """``δᵀ a_prev``, shape ``(n_l, n_{l-1})``: the batch-summed outer products.
+
+    ``delta`` is ``(B, n_l)`` and ``a_prev`` is ``(B, n_{l-1})``, ``B`` the rows summed over (the
+    batch, or batch times the steps of a sequence). The dot's layout is
+    :func:`weight_grad_layout`'s; both give ``δᵀ a`` (summed in different orders).
+    """
+    (batch, n_out), n_in = delta.shape, a_prev.shape[-1]
+    if weight_grad_layout(batch, n_out, n_in, delta.dtype) == "fold":
+        return _fold(delta, a_prev)
+    # the measurement was on CPU; a program lowered for another platform folds
+    return jax.lax.platform_dependent(delta, a_prev, cpu=_materialise, default=_fold)
