@@ -51,7 +51,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import re
 import sys
 import time
@@ -67,16 +66,19 @@ from jax.flatten_util import ravel_pytree
 from rich.console import Console
 from rich.table import Table
 
+# Before bpjax: run as a script from a checkout (a git worktree), this checkout's bpjax is the one
+# imported and timed, not an editable install of another
+if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import bpjax as bp
+from benchmarks.bench_mlp import Case, Stats, parse_case, time_interleaved
+from benchmarks.machine import describe as describe_machine
+from benchmarks.machine import machine_info
 from bpjax import MLP
 from bpjax import extend as bx
 from bpjax._types import Array, Params
 from bpjax.layers import Conv2D, Dense, Flatten, MaxPool2D
-
-if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.bench_mlp import Case, Stats, machine_info, parse_case, time_interleaved
 
 DTYPE = jnp.float32
 
@@ -825,17 +827,6 @@ def case_to_json(case: AnyCase, rows: Sequence[Row]) -> dict[str, Any]:
 # -- command line --------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else ``platform.processor()``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument(
@@ -889,10 +880,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 150)
-    m = machine_info() | {"cpu_model": cpu_model()}
+    m = machine_info()
     console.print(
-        f"jax {m['jax']}, backend {m['backend']}, CPUs {m['cpu_count']} ({m['cpus_usable']} "
-        f"usable), {m['machine']} {m['cpu_model']}; relu hidden, softmax + cross_entropy, float32"
+        f"jax {m['jax']}, backend {m['backend']}, {describe_machine(m)}, {m['machine']}; "
+        f"bpjax from {Path(bp.__file__).parent}; relu hidden, softmax + cross_entropy, float32"
     )
     results = []
     for case in args.sizes:
