@@ -1,4 +1,4 @@
-"""The fast path of Conv2D's GGN square sums against its references.
+"""The fast paths of Conv2D's GGN square sums and MaxPool2D's backward against their references.
 
 - :func:`~bpjax.layers._conv.conv_patches`, built from strided slices (``conv_taps``), against
   :func:`jax.lax.conv_general_dilated_patches`: equal exactly. Both are copies of ``x``: the
@@ -10,6 +10,10 @@
   at most a few hundred products, each rounded at 2⁻⁵³ ≈ 1.1e-16, so the two orders of
   summation differ by ~1e-14 relative; ``1e-10`` leaves four orders of magnitude and still
   catches any wrong or missing term (each is ≥ 1e-3 of the total here).
+- :func:`~bpjax.layers._pool.max_routes_by_tiles` against the general
+  :func:`~bpjax.layers._pool.max_routes_by_offsets` and ``jax.vjp`` of ``reduce_window`` max,
+  with ties and a NaN window: equal exactly. Where windows tile, each input cell receives at
+  most one ``dy`` and otherwise zeros, so every path's sums are exact.
 
 Each check runs jitted and not.
 """
@@ -22,9 +26,10 @@ import numpy as np
 import pytest
 from jax import lax
 
-from bpjax.layers import Conv2D
+from bpjax.layers import Conv2D, MaxPool2D
 from bpjax.layers._conv import conv_patches
 from bpjax.layers._init import check_padding, resolve_pads
+from bpjax.layers._pool import max_routes_by_offsets, max_routes_by_tiles, windows_tile
 
 RTOL = 1e-10  # float64, the module docstring's margin
 
@@ -108,3 +113,72 @@ def test_conv_square_sums_equal_squared_vjp_kernel_grads(x64, case, jit):
     assert _relative_error(example["W"], want_example) <= RTOL
     assert _relative_error(total["b"], want_bias.sum(0)) <= RTOL
     assert _relative_error(example["b"], want_bias) <= RTOL
+
+
+# (window, strides, padding, input shape) where the windows tile: even and odd sizes (the odd
+# last row/column in no window), SAME on sizes the window divides, a non-square window
+TILING = {
+    "2-valid-even": ((2, 2), (2, 2), "VALID", (2, 6, 6, 3)),
+    "2-valid-odd": ((2, 2), (2, 2), "VALID", (2, 7, 5, 3)),
+    "2-same-even": ((2, 2), (2, 2), "SAME", (2, 8, 4, 2)),
+    "3x2-valid-odd": ((3, 2), (3, 2), "VALID", (2, 8, 7, 2)),
+    "1": ((1, 1), (1, 1), "VALID", (1, 3, 4, 2)),
+}
+
+
+def _tie_input(shape: tuple[int, ...]) -> np.ndarray:
+    """Values in {0, 1} (ties in most windows), the last example all ones (ties everywhere)."""
+    x = np.random.default_rng(2).integers(0, 2, size=shape).astype(np.float64)
+    x[-1] = 1.0
+    return x
+
+
+@pytest.mark.parametrize("case", TILING.values(), ids=TILING.keys())
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+def test_max_pool_tiling_path_equals_general_path_and_vjp(x64, case, jit):
+    window, strides, padding, shape = case
+    layer = MaxPool2D(window, strides, padding)
+    pads = _pads(window, strides, padding, shape)
+    assert windows_tile(window, strides, pads)
+    x = jnp.asarray(_tie_input(shape))
+    y, cache = layer.forward({}, x)
+    dy = jnp.asarray(np.random.default_rng(3).normal(size=y.shape))
+    tiles = _wrap(jit)(lambda x, y, dy: max_routes_by_tiles(x, y, dy, window))(x, y, dy)
+    offsets = _wrap(jit)(lambda x, y, dy: max_routes_by_offsets(x, y, dy, window, strides, pads))(
+        x, y, dy
+    )
+    np.testing.assert_array_equal(tiles, offsets)
+    np.testing.assert_array_equal(_wrap(jit)(layer.backward)({}, cache, dy)[1], tiles)
+    args = dict(
+        window_dimensions=(1, *window, 1),
+        window_strides=(1, *strides, 1),
+        padding=((0, 0), *pads, (0, 0)),
+    )
+    _, vjp = jax.vjp(lambda x: lax.reduce_window(x, -jnp.inf, lax.max, **args), x)
+    np.testing.assert_array_equal(tiles, vjp(dy)[0])
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+def test_max_pool_tiling_path_passes_nothing_from_a_nan_window(x64, jit):
+    x = _tie_input((2, 4, 4, 1))
+    x[0, 0, 1, 0] = np.nan  # window (0, 0) of example 0: its maximum is NaN
+    x = jnp.asarray(x)
+    y, _ = MaxPool2D(2).forward({}, x)
+    dy = jnp.ones_like(y)
+    tiles = _wrap(jit)(lambda x, y, dy: max_routes_by_tiles(x, y, dy, (2, 2)))(x, y, dy)
+    offsets = max_routes_by_offsets(x, y, dy, (2, 2), (2, 2), ((0, 0), (0, 0)))
+    np.testing.assert_array_equal(tiles, offsets)
+    assert not np.any(np.asarray(tiles)[0, :2, :2])  # the NaN window's block got nothing
+    assert np.asarray(tiles).sum() == dy.size - 1  # every other window passed its 1
+
+
+@pytest.mark.parametrize(
+    ("window", "strides", "padding", "shape"),
+    [
+        ((2, 2), (2, 2), "SAME", (1, 7, 6, 1)),  # an odd side: SAME pads it
+        ((3, 3), (2, 2), "VALID", (1, 7, 7, 1)),  # overlapping windows
+        ((2, 2), (2, 2), 1, (1, 6, 6, 1)),  # explicit padding
+    ],
+)
+def test_max_pool_takes_the_general_path_where_windows_do_not_tile(window, strides, padding, shape):
+    assert not windows_tile(window, strides, _pads(window, strides, padding, shape))
