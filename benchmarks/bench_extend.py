@@ -11,13 +11,16 @@ are checked to agree before anything is timed). For each network and each quanti
   curvature ones push the ``n_L`` columns of the loss-Hessian factor down the recursion);
 * ``vmap(grad)``: the same quantity from JAX autodiff per example, jitted:
   ``vmap(grad(loss of one example))`` (and per example and Hessian-factor column for the GGN
-  diagonal, ``jax.jvp(jax.grad(loss))`` for ``hvp``), chunked over the batch with ``lax.map`` /
+  diagonal, ``jax.jvp(jax.grad(loss))`` for ``hvp``, and for the Hessian diagonal one such
+  product per unit vector, run only up to ``HESSIAN_VMAP_MAX_PARAMS`` params), chunked over the
+  batch with ``lax.map`` /
   ``lax.scan`` so that no more than ``--chunk-gib`` of per-example gradients live at once (no
   loop when the whole batch fits: XLA:CPU runs a vmapped convolution's weight gradient an order
   of magnitude slower inside a loop, which would flatter bpjax on the CNN);
 * ``BackPACK``: the matching ``backpack.extensions`` extension on the equivalent
   ``torch.nn.Sequential`` (BatchGrad, BatchL2Grad, SumGradSquared, Variance, DiagGGNExact,
-  BatchDiagGGNExact, DiagGGNMC, KFLR, and BatchGrad plus clipping for DP-SGD; none for ``hvp``).
+  BatchDiagGGNExact, DiagHessian, BatchDiagHessian, DiagGGNMC, KFLR, and BatchGrad plus clipping
+  for DP-SGD; none for ``hvp``).
   Skipped, with a line saying so, when torch or backpack-for-pytorch is not installed
   (``pip install ".[bench]"``). Its outputs, brought to bpjax's layout and scaling (BackPACK's
   per-example gradients are those of ``C_n / B``), are compared with bpjax's.
@@ -51,7 +54,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import re
 import sys
 import time
@@ -67,16 +69,19 @@ from jax.flatten_util import ravel_pytree
 from rich.console import Console
 from rich.table import Table
 
+# Before bpjax: run as a script from a checkout (a git worktree), this checkout's bpjax is the one
+# imported and timed, not an editable install of another
+if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import bpjax as bp
+from benchmarks.bench_mlp import Case, Stats, parse_case, time_interleaved
+from benchmarks.machine import describe as describe_machine
+from benchmarks.machine import machine_info
 from bpjax import MLP
 from bpjax import extend as bx
 from bpjax._types import Array, Params
 from bpjax.layers import Conv2D, Dense, Flatten, MaxPool2D
-
-if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.bench_mlp import Case, Stats, machine_info, parse_case, time_interleaved
 
 DTYPE = jnp.float32
 
@@ -110,13 +115,19 @@ QUANTITIES = (
     "clipped_grad",
     "diag_ggn",
     "batch_diag_ggn",
+    "diag_hessian",
+    "batch_diag_hessian",
     "diag_ggn_mc",
     "kfac_factors",
     "hvp",
 )
 """Every quantity timed, in table order."""
 
-PER_EXAMPLE = ("batch_grad", "clipped_grad", "batch_diag_ggn")
+HESSIAN_VMAP_MAX_PARAMS = 10_000
+"""The most params for which ``diag_hessian``'s autodiff reference runs: it takes one
+Hessian-vector product per parameter (per example, for ``batch_diag_hessian``)."""
+
+PER_EXAMPLE = ("batch_grad", "clipped_grad", "batch_diag_ggn", "batch_diag_hessian")
 """Quantities with a per-example output in some implementation (BackPACK clips via BatchGrad)."""
 
 IMPLEMENTATIONS = ("bpjax", "vmap(grad)", "BackPACK")
@@ -213,6 +224,8 @@ def bpjax_functions(net: Any) -> dict[str, Callable[..., Any]]:
         "clipped_grad": lambda p, x, y, k, v: bx.clipped_grad(net, p, x, y, MAX_NORM),
         "diag_ggn": lambda p, x, y, k, v: bx.diag_ggn(net, p, x, y),
         "batch_diag_ggn": lambda p, x, y, k, v: bx.batch_diag_ggn(net, p, x, y),
+        "diag_hessian": lambda p, x, y, k, v: bx.diag_hessian(net, p, x, y),
+        "batch_diag_hessian": lambda p, x, y, k, v: bx.batch_diag_hessian(net, p, x, y),
         "diag_ggn_mc": lambda p, x, y, k, v: bx.diag_ggn_mc(net, p, x, y, k),
         "kfac_factors": lambda p, x, y, k, v: bx.kfac_factors(net, p, x, y),
         "hvp": lambda p, x, y, k, v: bx.hvp(net, p, x, y, v),
@@ -333,6 +346,23 @@ def autodiff_functions(net: Any, batch: int, chunk_gib: float) -> dict[str, Call
         each = jax.vmap(ggn_example, in_axes=(None, 0, 0))
         return jax.tree.map(lambda t: t / batch, map_cat(each, chunk_k, p, x, y))
 
+    def hessian_diagonal(loss: Callable[[Params], Array], p: Params) -> Params:
+        """``diag(∇² loss)`` like ``p``: ``e_iᵀ (∇² loss) e_i`` by forward over reverse mode,
+        one Hessian-vector product per unit vector ``e_i``."""
+        flat, unflatten = ravel_pytree(p)
+        grad = jax.grad(lambda q: loss(unflatten(q)))
+        hvp_of = jax.vmap(lambda e: jnp.vdot(e, jax.jvp(grad, (flat,), (e,))[1]))
+        return unflatten(hvp_of(jnp.eye(flat.size, dtype=flat.dtype)))
+
+    def diag_hessian(p, x, y, k, v):
+        return hessian_diagonal(lambda q: net.loss(q, x, y), p)
+
+    def batch_diag_hessian(p, x, y, k, v):
+        def one(xn, yn):  # the diagonal of (1/B) ∇²C_n
+            return hessian_diagonal(lambda q: one_loss(q, xn, yn) / batch, p)
+
+        return jax.vmap(one)(x, y)
+
     def diag_ggn_mc(p, x, y, k, v):
         keys = jax.random.split(k, batch)
 
@@ -387,12 +417,16 @@ def autodiff_functions(net: Any, batch: int, chunk_gib: float) -> dict[str, Call
         "clipped_grad": clipped_grad,
         "diag_ggn": diag_ggn,
         "batch_diag_ggn": batch_diag_ggn,
+        "diag_hessian": diag_hessian,
+        "batch_diag_hessian": batch_diag_hessian,
         "diag_ggn_mc": diag_ggn_mc,
         "kfac_factors": kfac_factors,
         "hvp": hvp,
     }
     if not isinstance(net, MLP):
         del fns["kfac_factors"]
+    if param_count(net) > HESSIAN_VMAP_MAX_PARAMS:
+        del fns["diag_hessian"], fns["batch_diag_hessian"]
     return fns
 
 
@@ -563,6 +597,8 @@ def backpack_functions(
             "clipped_grad": clipped,
             "diag_ggn": lambda: run(ext.DiagGGNExact(), "diag_ggn_exact"),
             "batch_diag_ggn": lambda: run(ext.BatchDiagGGNExact(), "diag_ggn_exact_batch"),
+            "diag_hessian": lambda: run(ext.DiagHessian(), "diag_h"),
+            "batch_diag_hessian": lambda: run(ext.BatchDiagHessian(), "diag_h_batch"),
             "diag_ggn_mc": lambda: run(ext.DiagGGNMC(mc_samples=1), "diag_ggn_mc"),
             "kfac_factors": lambda: run(ext.KFLR(), "kflr"),
         },
@@ -594,6 +630,8 @@ COMPARED_WITH_BACKPACK = (
     "clipped_grad",
     "diag_ggn",
     "batch_diag_ggn",
+    "diag_hessian",
+    "batch_diag_hessian",
 )
 """The quantities whose BackPACK output is compared with bpjax's (not the sampled diag_ggn_mc,
 nor KFLR, whose factors are laid out differently)."""
@@ -825,17 +863,6 @@ def case_to_json(case: AnyCase, rows: Sequence[Row]) -> dict[str, Any]:
 # -- command line --------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else ``platform.processor()``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument(
@@ -889,10 +916,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 150)
-    m = machine_info() | {"cpu_model": cpu_model()}
+    m = machine_info()
     console.print(
-        f"jax {m['jax']}, backend {m['backend']}, CPUs {m['cpu_count']} ({m['cpus_usable']} "
-        f"usable), {m['machine']} {m['cpu_model']}; relu hidden, softmax + cross_entropy, float32"
+        f"jax {m['jax']}, backend {m['backend']}, {describe_machine(m)}, {m['machine']}; "
+        f"bpjax from {Path(bp.__file__).parent}; relu hidden, softmax + cross_entropy, float32"
     )
     results = []
     for case in args.sizes:

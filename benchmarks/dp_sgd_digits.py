@@ -60,15 +60,16 @@ from jax.flatten_util import ravel_pytree
 from rich.console import Console
 from rich.table import Table
 
-import bpjax as bp
-from bpjax import extend as bx
-from bpjax.layers import Conv2D, Dense, Flatten, MaxPool2D
-
+# Before bpjax: run as a script from a checkout (a git worktree), this checkout's bpjax is the one
+# imported and timed, not an editable install of another
 if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import bpjax as bp
 from benchmarks.bench_mlp import Stats, auto_repeats, time_interleaved
 from benchmarks.machine import describe, machine_info
+from bpjax import extend as bx
+from bpjax.layers import Conv2D, Dense, Flatten, MaxPool2D
 
 N_TRAIN = 1437  # 80% of the 1797 digits, as in tests/test_digits_cnn.py
 IMPLEMENTATIONS = ("bpjax", "vmap(grad)")

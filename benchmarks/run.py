@@ -96,9 +96,14 @@ FULL = Config(
     mlp_cases=tuple(bench_mlp.CASES.values()),
     layer_cases=tuple(bench_layers.CASES.values()),
     extend_cases=(bench_extend.CASES["medium"],),
-    # bench_extend's quantities before batch_diag_ggn joined them: its vmap(grad) version costs as
-    # much as diag_ggn's, and the suite is sized to stay under 10 minutes on 2 cores
-    extend_quantities=tuple(q for q in bench_extend.QUANTITIES if q != "batch_diag_ggn"),
+    # bench_extend's quantities before batch_diag_ggn and the Hessian diagonals joined them: the
+    # suite is sized to stay under 10 minutes on 2 cores, batch_diag_ggn's vmap(grad) version costs
+    # as much as diag_ggn's, and on ReLU networks diag_hessian costs diag_ggn
+    extend_quantities=tuple(
+        q
+        for q in bench_extend.QUANTITIES
+        if q not in ("batch_diag_ggn", "diag_hessian", "batch_diag_hessian")
+    ),
     repeats=None,
     budget_s=3.0,
     extend_budget_s=2.0,
