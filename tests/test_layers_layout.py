@@ -72,15 +72,22 @@ def test_a_network_traces_with_a_measured_layout_under_jit_and_vmap(monkeypatch)
 
 
 @pytest.mark.parametrize("layout", ["fold", "materialise"])
-def test_the_timed_program_computes_the_repeated_dot(x64, layout):
-    # The measurement times R dots of δ·(1 + iε) in one loop; if XLA could hoist or drop them
-    # the timing would say nothing. Σ_{i<R} (1 + iε) δᵀa = (R + ε R(R−1)/2) δᵀa exactly.
+def test_the_timed_program_computes_the_repeated_backward_step(x64, layout):
+    # The measurement times R steps δ_i = g ∘ tanh'(z + iε), Σ δ_iᵀa, Σ δ_i W in one loop; if XLA
+    # could hoist or drop them the timing would say nothing. Check the sums against NumPy.
     repeats, eps = 5, 1e-7
-    delta = jnp.arange(12.0, dtype=jnp.float64).reshape(4, 3) / 7
+    g = jnp.arange(12.0, dtype=jnp.float64).reshape(4, 3) / 7
+    z = jnp.linspace(-1.0, 1.0, 12, dtype=jnp.float64).reshape(4, 3)
     a = jnp.arange(8.0, dtype=jnp.float64).reshape(4, 2) / 5
+    w = jnp.arange(6.0, dtype=jnp.float64).reshape(3, 2) / 3
     fn = dict(zip(_layout.LAYOUTS, (_layout._fold, _layout._materialise), strict=True))[layout]
-    got = np.asarray(_layout._repeated(fn, repeats)(delta, a))
-    want = (repeats + eps * repeats * (repeats - 1) / 2) * (np.asarray(delta).T @ np.asarray(a))
-    # every term is ≥ 0: 5 dots of 4 terms, 5 scalings and 5 sums stay within ~14 u relative
-    # (u = 2^-53), NumPy's reference within 4 u more; 128 u leaves room for any summation order
-    np.testing.assert_allclose(got, want, rtol=64 * 2.0**-52)
+    got_w, got_x = (np.asarray(t) for t in _layout._repeated(fn, repeats)(g, z, a, w))
+    # the same XLA tanh as the loop's, so only the summation orders differ
+    deltas = [np.asarray(g * (1 - jnp.tanh(z + i * eps) ** 2)) for i in range(repeats)]
+    want_w = sum(d.T @ np.asarray(a) for d in deltas)
+    want_x = sum(d @ np.asarray(w) for d in deltas)
+    # every term is ≥ 0 (g, a, w ≥ 0 and tanh' > 0): each sum of 5·4 products stays within ~25 u
+    # relative (u = 2^-53) in any order, on both sides; 128 u leaves room for a fused δ_i that
+    # rounds differently by an ulp or two
+    np.testing.assert_allclose(got_w, want_w, rtol=128 * 2.0**-53)
+    np.testing.assert_allclose(got_x, want_x, rtol=128 * 2.0**-53)

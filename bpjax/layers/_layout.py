@@ -9,9 +9,11 @@ AVX2 EPYC, while at 784×512, ``B = 256`` the copy cost that machine 3% of the s
 AVX-512 EPYCs the copy wins at every size of ``benchmarks/bench_mlp.py``, by 10–20% of the whole
 step at the small one). A constant tuned on one machine loses on another, so the layout is
 **measured once per process** for each ``(B, n_l, n_{l-1}, dtype)`` on the CPU that runs it, the
-first time a trace needs it, and cached: both layouts are compiled as a loop of dots in one
-program (so that dispatch overhead does not drown a small dot) and timed interleaved, best of
-3–7 calls — about 0.1 s per shape for small dots, up to 0.6 s for 2048×2048 at ``B = 512``.
+first time a trace needs it, and cached: both layouts are compiled as a loop of Dense backward
+steps in one program (so that dispatch overhead does not drown a small dot, and the dot is timed
+among the ops that surround it in a backward) and timed in 5–15 interleaved
+rounds; folding is kept only where it wins the median round by 3% (a near tie materialises).
+That costs about 0.2 s per shape, up to 1 s for 2048×2048 at ``B = 512``.
 
 ``BPJAX_WEIGHT_GRAD_LAYOUT=fold`` or ``=materialise`` pins the layout for every shape (for
 benchmarks and bit-for-bit reproducible runs: the two layouts sum in different orders, so their
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+import statistics
 import time
 from typing import Any
 
@@ -49,14 +52,16 @@ MEASURE_FLOPS = 2**21
 """``2·B·n_l·n_{l-1}`` under which the dot folds unmeasured: a few microseconds, where the copy
 cannot pay off by more than the measurement's noise (and tests of tiny layers pay nothing)."""
 
-# The copy must win by this margin to be chosen: a near tie folds (one op fewer, the XLA default).
+# Folding must win by this margin to be chosen: a near tie materialises (on every CPU measured
+# so far the copy won or tied at 2048×2048, B = 512, the size where both cost the most).
 _MARGIN = 0.97
 # FLOPs of dot per timed call: the dot runs in a loop inside one program so that the ~10 µs of a
-# dispatch does not drown a dot of a few microseconds (best of _ROUNDS interleaved calls).
+# dispatch does not drown a dot of a few microseconds; the verdict is the median of per-round
+# paired ratios, which a burst of load in one round cannot swing.
 _FLOPS_PER_CALL = 2e8
 _MAX_REPEATS = 64
-_ROUNDS = (3, 7)  # interleaved timed calls per layout: as many as fit _BUDGET_S, within these
-_BUDGET_S = 0.15
+_ROUNDS = (5, 15)  # interleaved timed calls per layout: as many as fit _BUDGET_S, within these
+_BUDGET_S = 0.2
 
 
 def weight_grad_layout(batch: int, n_out: int, n_in: int, dtype: Any) -> str:
@@ -90,14 +95,21 @@ def _materialise(delta: Array, a_prev: Array) -> Array:
 
 
 def _repeated(layout: Any, repeats: int) -> Any:
-    """``Σ_i layout(δ·(1 + iε), a)`` over ``repeats`` dots in one compiled program (the scale
-    keeps XLA from hoisting the dot out of the loop)."""
+    """``repeats`` Dense backward steps in one compiled program, the weight gradient in ``layout``.
 
-    def run(delta: Array, a_prev: Array) -> Array:
-        def body(i: Array, total: Array) -> Array:
-            return total + layout(delta * (1 + i.astype(delta.dtype) * 1e-7), a_prev)
+    Each step is what surrounds the dot in a network's backward: ``δ_i = g ∘ tanh'(z + iε)``
+    (the elementwise op that makes δ; the ``iε`` keeps XLA from hoisting it out of the loop), then
+    ``∇W = δ_iᵀ a`` and ``δ_i W``, both summed over the steps. Timing the dot alone misleads: on
+    the AVX-512 EPYCs an isolated 128×128 dot folded a few per cent faster, while in these steps,
+    as in the whole backward, the copy won by 15–20%.
+    """
 
-        init = jnp.zeros((delta.shape[1], a_prev.shape[1]), delta.dtype)
+    def run(g: Array, z: Array, a_prev: Array, w: Array) -> tuple[Array, Array]:
+        def body(i: Array, totals: tuple[Array, Array]) -> tuple[Array, Array]:
+            delta = g * (1 - jnp.tanh(z + i.astype(z.dtype) * 1e-7) ** 2)
+            return totals[0] + layout(delta, a_prev), totals[1] + delta @ w
+
+        init = (jnp.zeros(w.shape, w.dtype), jnp.zeros(a_prev.shape, a_prev.dtype))
         return jax.lax.fori_loop(0, repeats, body, init)
 
     return jax.jit(run)
@@ -105,29 +117,37 @@ def _repeated(layout: Any, repeats: int) -> Any:
 
 @functools.cache
 def _measured_layout(batch: int, n_out: int, n_in: int, dtype: str) -> str:
-    """The faster layout by the best of interleaved timings of both compiled dots."""
-    repeats = int(min(_MAX_REPEATS, max(1, _FLOPS_PER_CALL // (2 * batch * n_out * n_in))))
+    """``fold`` if it is faster by :data:`_MARGIN` in the median of interleaved paired timings of
+    both compiled loops of backward steps (:func:`_repeated`), else ``materialise``."""
+    # two dots of 2·B·n_l·n_{l-1} FLOPs per step
+    repeats = int(min(_MAX_REPEATS, max(1, _FLOPS_PER_CALL // (4 * batch * n_out * n_in))))
     # Inside a caller's trace jnp ops would be staged into its program: evaluate them now.
     with jax.ensure_compile_time_eval():
-        delta = jnp.full((batch, n_out), 0.5, dtype)
-        a_prev = jnp.full((batch, n_in), 0.25, dtype)
+        args = (
+            jnp.full((batch, n_out), 0.5, dtype),  # g
+            jnp.full((batch, n_out), 0.3, dtype),  # z
+            jnp.full((batch, n_in), 0.25, dtype),  # a_prev
+            jnp.full((n_out, n_in), 0.1, dtype),  # W
+        )
         fns = {
             name: _repeated(layout, repeats)
             for name, layout in zip(LAYOUTS, (_fold, _materialise), strict=True)
         }
         for fn in fns.values():
-            fn(delta, a_prev).block_until_ready()  # compile and warm up
+            jax.block_until_ready(fn(*args))  # compile and warm up
         start = time.perf_counter()
-        fns["fold"](delta, a_prev).block_until_ready()
+        jax.block_until_ready(fns["fold"](*args))
         once = time.perf_counter() - start
         rounds = int(min(_ROUNDS[1], max(_ROUNDS[0], _BUDGET_S / max(once, 1e-6))))
-        best = dict.fromkeys(LAYOUTS, float("inf"))
+        ratios = []  # fold time / materialise time, per round
         for _ in range(rounds):
+            took = {}
             for name, fn in fns.items():
                 start = time.perf_counter()
-                fn(delta, a_prev).block_until_ready()
-                best[name] = min(best[name], time.perf_counter() - start)
-    return "materialise" if best["materialise"] < _MARGIN * best["fold"] else "fold"
+                jax.block_until_ready(fn(*args))
+                took[name] = time.perf_counter() - start
+            ratios.append(took["fold"] / took["materialise"])
+    return "fold" if statistics.median(ratios) < _MARGIN else "materialise"
 
 
 def weight_grad(delta: Array, a_prev: Array) -> Array:
