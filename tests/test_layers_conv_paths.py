@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from bpjax.layers import Conv2D, MaxPool2D
+from bpjax.layers import Conv2D, MaxPool2D, _conv
 from bpjax.layers._conv import conv_patches
 from bpjax.layers._init import check_padding, resolve_pads
 from bpjax.layers._pool import max_routes_by_offsets, max_routes_by_tiles, windows_tile
@@ -113,6 +113,30 @@ def test_conv_square_sums_equal_squared_vjp_kernel_grads(x64, case, jit):
     assert _relative_error(example["W"], want_example) <= RTOL
     assert _relative_error(total["b"], want_bias.sum(0)) <= RTOL
     assert _relative_error(example["b"], want_bias) <= RTOL
+
+
+@pytest.mark.parametrize("unfold", [True, False], ids=["patches", "grouped-conv"])
+@pytest.mark.parametrize("case", CONV_CASES.values(), ids=CONV_CASES.keys())
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+def test_example_kernel_grads_equal_vjp_kernel_grads_on_both_paths(
+    x64, monkeypatch, case, jit, unfold
+):
+    # the patches product below EXAMPLE_PATCHES_MAX, the grouped convolution above it: both are
+    # g_n = Σ_positions u_n δ_nᵀ, so both meet the vjp's at the module docstring's margin
+    monkeypatch.setattr(_conv, "EXAMPLE_PATCHES_MAX", 2**62 if unfold else 0)
+    kernel, strides, padding, shape = case
+    layer = Conv2D(4, kernel, strides, padding, activation="tanh")
+    rng = np.random.default_rng(3)
+    params, out_shape = layer.init(jax.random.key(0), shape[1:], jnp.float64)
+    x = jnp.asarray(rng.normal(size=shape))
+    _, cache = layer.forward(params, x)
+    delta = jnp.asarray(rng.normal(size=(shape[0], *out_shape)))
+    want = np.asarray(_kernel_grads(layer, params, x, delta[None]))[0]  # (B, k_h, k_w, C, O)
+    got = _wrap(jit)(layer.example_grads)(params, cache, delta)
+    assert got["W"].shape == want.shape
+    assert _relative_error(got["W"], want) <= RTOL
+    norms = _wrap(jit)(layer.example_sq_norms)(params, cache, delta)["W"]
+    np.testing.assert_allclose(norms, (want**2).sum(axis=(1, 2, 3, 4)), rtol=RTOL)
 
 
 # (window, strides, padding, input shape) where the windows tile: even and odd sizes (the odd
