@@ -91,3 +91,14 @@ def test_the_timed_program_computes_the_repeated_backward_step(x64, layout):
     # rounds differently by an ulp or two
     np.testing.assert_allclose(got_w, want_w, rtol=128 * 2.0**-53)
     np.testing.assert_allclose(got_x, want_x, rtol=128 * 2.0**-53)
+
+
+@pytest.mark.parametrize(
+    ("delta_shape", "a_shape"),
+    [((3,), (3, 2)), ((3, 2), (4, 2)), ((3, 2, 1), (3, 2)), ((3, 2), (3,))],
+)
+@pytest.mark.parametrize("jit", [False, True])
+def test_weight_grad_names_its_arguments_on_bad_shapes(delta_shape, a_shape, jit):
+    fn = jax.jit(weight_grad) if jit else weight_grad
+    with pytest.raises(ValueError, match=r"weight_grad: expected delta \(B, n_l\) and a_prev"):
+        fn(jnp.ones(delta_shape), jnp.ones(a_shape))

@@ -156,7 +156,15 @@ def weight_grad(delta: Array, a_prev: Array) -> Array:
     ``delta`` is ``(B, n_l)`` and ``a_prev`` is ``(B, n_{l-1})``, ``B`` the rows summed over (the
     batch, or batch times the steps of a sequence). The dot's layout is
     :func:`weight_grad_layout`'s; both give ``δᵀ a`` (summed in different orders).
+
+    Raises:
+      ValueError: ``delta`` or ``a_prev`` not 2-D, or their batches differ.
     """
+    if delta.ndim != 2 or a_prev.ndim != 2 or delta.shape[0] != a_prev.shape[0]:
+        raise ValueError(
+            "weight_grad: expected delta (B, n_l) and a_prev (B, n_{l-1}) with the same B, got "
+            f"delta {tuple(delta.shape)} and a_prev {tuple(a_prev.shape)}."
+        )
     (batch, n_out), n_in = delta.shape, a_prev.shape[-1]
     if weight_grad_layout(batch, n_out, n_in, delta.dtype) == "fold":
         return _fold(delta, a_prev)
