@@ -1,6 +1,6 @@
 """The fast paths of Conv2D's GGN square sums and MaxPool2D's backward against their references.
 
-- :func:`~bpjax.layers._conv.conv_patches`, built from strided slices (``conv_taps``), against
+- :func:`~bpjax.layers._conv.conv_patches`, built from strided slices (``_init.conv_taps``), against
   :func:`jax.lax.conv_general_dilated_patches`: equal exactly. Both are copies of ``x``: the
   patches "convolution" multiplies each cell by a 0/1 kernel and adds the zeros, exact in IEEE
   arithmetic for finite ``x``. (``Conv2D`` has no dilation, so none is tested.)
@@ -91,15 +91,23 @@ def _relative_error(got, want) -> float:
     return float(np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want))
 
 
-@pytest.mark.parametrize("case", CONV_CASES.values(), ids=CONV_CASES.keys())
-@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
-def test_conv_square_sums_equal_squared_vjp_kernel_grads(x64, case, jit):
+def _tanh_conv_on_random_input(case, rng: np.random.Generator):
+    """A 4-feature tanh Conv2D for ``case``, its float64 params, a random input and the cache:
+    ``(layer, params, out_shape, x, cache)``."""
     kernel, strides, padding, shape = case
     layer = Conv2D(4, kernel, strides, padding, activation="tanh")
-    rng = np.random.default_rng(1)
     params, out_shape = layer.init(jax.random.key(0), shape[1:], jnp.float64)
     x = jnp.asarray(rng.normal(size=shape))
     _, cache = layer.forward(params, x)
+    return layer, params, out_shape, x, cache
+
+
+@pytest.mark.parametrize("case", CONV_CASES.values(), ids=CONV_CASES.keys())
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+def test_conv_square_sums_equal_squared_vjp_kernel_grads(x64, case, jit):
+    shape = case[3]
+    rng = np.random.default_rng(1)
+    layer, params, out_shape, x, cache = _tanh_conv_on_random_input(case, rng)
     deltas = jnp.asarray(rng.normal(size=(3, shape[0], *out_shape)))  # k = 3 columns
     weights = jnp.asarray(rng.uniform(0.5, 1.5, size=(3, shape[0])) * [[1], [-1], [1]])  # signed
     g = _kernel_grads(layer, params, x, deltas)  # (k, B, k_h, k_w, C_in, features)
@@ -124,12 +132,9 @@ def test_example_kernel_grads_equal_vjp_kernel_grads_on_both_paths(
     # the patches product below EXAMPLE_PATCHES_MAX, the grouped convolution above it: both are
     # g_n = Σ_positions u_n δ_nᵀ, so both meet the vjp's at the module docstring's margin
     monkeypatch.setattr(_conv, "EXAMPLE_PATCHES_MAX", 2**62 if unfold else 0)
-    kernel, strides, padding, shape = case
-    layer = Conv2D(4, kernel, strides, padding, activation="tanh")
+    shape = case[3]
     rng = np.random.default_rng(3)
-    params, out_shape = layer.init(jax.random.key(0), shape[1:], jnp.float64)
-    x = jnp.asarray(rng.normal(size=shape))
-    _, cache = layer.forward(params, x)
+    layer, params, out_shape, x, cache = _tanh_conv_on_random_input(case, rng)
     delta = jnp.asarray(rng.normal(size=(shape[0], *out_shape)))
     want = np.asarray(_kernel_grads(layer, params, x, delta[None]))[0]  # (B, k_h, k_w, C, O)
     got = _wrap(jit)(layer.example_grads)(params, cache, delta)

@@ -21,6 +21,7 @@ from bpjax.layers._init import (
     check_padding,
     check_pair,
     checked_activation,
+    conv_taps,
     out_spatial,
     positive_int,
     resolve_pads,
@@ -28,6 +29,7 @@ from bpjax.layers._init import (
     truncated_normal_weight,
 )
 from bpjax.layers._outer import (
+    example_outer,
     example_outer_sq_norms,
     example_outer_square_sums,
     example_outer_square_sums_t,
@@ -37,7 +39,7 @@ from bpjax.layers._outer import (
     use_gram,
 )
 
-__all__ = ["EXAMPLE_PATCHES_MAX", "Conv2D", "Conv2DCache", "conv_patches", "conv_taps"]
+__all__ = ["EXAMPLE_PATCHES_MAX", "Conv2D", "Conv2DCache", "conv_patches"]
 
 _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")  # the forward: images NHWC, kernel (kh, kw, C_in, C_out)
 # dx: the flipped kernel read with its in/out axes swapped (HWOI), so no transpose is copied
@@ -64,37 +66,6 @@ def _dodge_group_dim(
     if window == 2 and stride == 2 and pads == (0, 0):
         return (1, 1), 1
     return pads, 0
-
-
-def conv_taps(
-    x: Array, window: tuple[int, int], strides: tuple[int, int], pads: Pads
-) -> list[Array]:
-    """The ``k_h·k_w`` strided slices of the zero-padded input that a convolution reads.
-
-    Tap ``(i, j)`` is ``x_pad[n, s_h p + i, s_w q + j, c]`` for every output position ``(p, q)``,
-    shape ``(batch, H_out, W_out, C)``; the list runs over ``(i, j)`` row-major. Slices are
-    copies at memory speed: :func:`jax.lax.conv_general_dilated_patches` computes the same values
-    as a convolution with an identity kernel, which XLA:CPU runs 3× slower on a 3-channel input
-    (16 ms against 5 ms for the first layer of the benchmark CNN, 32×32×3 at B=128) and no faster
-    on 32 channels.
-    """
-    (kh, kw), (sh, sw) = window, strides
-    (top, bottom), (left, right) = pads
-    x_pad = lax.pad(
-        x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0))
-    )
-    h_out = (x_pad.shape[1] - kh) // sh + 1
-    w_out = (x_pad.shape[2] - kw) // sw + 1
-    return [
-        lax.slice(
-            x_pad,
-            (0, i, j, 0),
-            (x.shape[0], i + sh * (h_out - 1) + 1, j + sw * (w_out - 1) + 1, x.shape[3]),
-            (1, sh, sw, 1),
-        )
-        for i in range(kh)
-        for j in range(kw)
-    ]
 
 
 def conv_patches(
@@ -369,9 +340,11 @@ class Conv2D:
         batch, c_in, features = x.shape[0], x.shape[-1], delta.shape[-1]
         positions = delta.size // (batch * features)
         if batch * positions * kh * kw * c_in <= EXAMPLE_PATCHES_MAX:
-            u = self._patches(x, channel_major=False)
+            u = self._patches(x, channel_major=False)  # (batch, P, k_h k_w C_in)
             d = delta.reshape(batch, positions, features)
-            g = jnp.einsum("npk,npo->nko", u, d, precision=self.precision)
+            # Σ_t u_t δ_tᵀ: the outer products with the patches as the "error" side, so the
+            # result is already HWIO-ordered (k_h k_w C_in, features)
+            g = example_outer(u, d, precision=self.precision)
             return g.reshape(batch, kh, kw, c_in, features)
         return jax.vmap(lambda x_n, d_n: self._kernel_grad(x_n[None], d_n[None]))(x, delta)
 

@@ -17,6 +17,7 @@ from bpjax.layers._init import (
     Pads,
     check_padding,
     check_pair,
+    conv_taps,
     out_spatial,
     resolve_pads,
     transposed_pads,
@@ -91,10 +92,8 @@ def max_routes_by_offsets(
       pads: ``((top, bottom), (left, right))``; padded cells never win.
     """
     (kh, kw), (sh, sw) = window, strides
-    (top, bottom), (left, right) = pads
     (h, w), (h_out, w_out) = x.shape[1:3], y.shape[1:3]
-    zero = jnp.zeros((), x.dtype)
-    x_pad = lax.pad(x, zero, ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
+    taps = conv_taps(x, window, strides, pads)  # row-major over (i, j)
     taken = jnp.zeros(y.shape, bool)  # whether window (p, q) has found its maximum yet
     dx = jnp.zeros(x.shape, dy.dtype)
     for i in range(kh):  # the window offsets, row-major: the tie order
@@ -102,12 +101,7 @@ def max_routes_by_offsets(
         for j in range(kw):
             cols_in, cols_back = _window_cells(w, pads[1], kw, sw, j, w_out)
             # the cells x_pad[n, s_h p + i, s_w q + j, c] of every window (p, q)
-            cells = lax.slice(
-                x_pad,
-                (0, i, j, 0),
-                (x.shape[0], i + sh * (h_out - 1) + 1, j + sw * (w_out - 1) + 1, x.shape[3]),
-                (1, sh, sw, 1),
-            )
+            cells = taps[i * kw + j]
             hit = (cells == y) & ~taken  # the window's maximum, and no earlier one: ties
             if rows_in is not None or cols_in is not None:  # padding never wins
                 inside = _outer_mask(rows_in, cols_in, h_out, w_out)
