@@ -1,11 +1,13 @@
 """The fast paths of Conv2D's GGN square sums and MaxPool2D's backward against their references.
 
-- :func:`~bpjax.layers._conv.conv_patches`, built from strided slices (``_init.conv_taps``), against
+- :func:`~bpjax.layers._conv.conv_patches`, built from strided slices (``_init.conv_taps``, whose
+  channels-first slices equal the channels-last ones transposed), against
   :func:`jax.lax.conv_general_dilated_patches`: equal exactly. Both are copies of ``x``: the
   patches "convolution" multiplies each cell by a 0/1 kernel and adds the zeros, exact in IEEE
   arithmetic for finite ``x``. (``Conv2D`` has no dilation, so none is tested.)
-- ``Conv2D.square_sum`` / ``example_square_sums`` (one batched product per column over those
-  patches) against ``Σ_c w_{c,n} (g_{c,n})²`` with ``g_{c,n}`` from ``jax.vjp`` of
+- ``Conv2D.square_sum`` / ``example_square_sums`` and ``example_grads`` / ``example_sq_norms``
+  (one batched product per column and kernel tap, over the channels-first taps) against
+  ``Σ_c w_{c,n} (g_{c,n})²`` and ``g_n`` with ``g`` from ``jax.vjp`` of
   :func:`jax.lax.conv_general_dilated`, in float64, norm-relative to ``1e-10``: each entry sums
   at most a few hundred products, each rounded at 2⁻⁵³ ≈ 1.1e-16, so the two orders of
   summation differ by ~1e-14 relative; ``1e-10`` leaves four orders of magnitude and still
@@ -28,7 +30,7 @@ from jax import lax
 
 from bpjax.layers import Conv2D, MaxPool2D, _conv
 from bpjax.layers._conv import conv_patches
-from bpjax.layers._init import check_padding, resolve_pads
+from bpjax.layers._init import check_padding, conv_taps, resolve_pads
 from bpjax.layers._pool import max_routes_by_offsets, max_routes_by_tiles, windows_tile
 
 RTOL = 1e-10  # float64, the module docstring's margin
@@ -65,11 +67,10 @@ def test_taps_patches_equal_conv_general_dilated_patches(x64, case, jit):
         precision=lax.Precision.HIGHEST,
     )  # fmt: skip
     np.testing.assert_array_equal(got, want.reshape(shape[0], -1, want.shape[-1]))
-    # the kernel-order (HWI) patches are the same entries, (i, j) before c
-    hwc = _wrap(jit)(lambda x: conv_patches(x, kernel, strides, pads, channel_major=False))(x)
-    k = kernel[0] * kernel[1]
-    reordered = got.reshape(*got.shape[:2], shape[3], k).swapaxes(2, 3).reshape(got.shape)
-    np.testing.assert_array_equal(hwc, reordered)
+    # channels-first taps are the channels-last ones transposed
+    first = conv_taps(jnp.moveaxis(x, 3, 1), kernel, strides, pads, channels_first=True)
+    for tap_first, tap_last in zip(first, conv_taps(x, kernel, strides, pads), strict=True):
+        np.testing.assert_array_equal(tap_first, jnp.moveaxis(tap_last, 3, 1))
 
 
 def _kernel_grads(layer: Conv2D, params, x, deltas):
@@ -123,15 +124,14 @@ def test_conv_square_sums_equal_squared_vjp_kernel_grads(x64, case, jit):
     assert _relative_error(example["b"], want_bias) <= RTOL
 
 
-@pytest.mark.parametrize("unfold", [True, False], ids=["patches", "grouped-conv"])
+@pytest.mark.parametrize("gram", [True, False], ids=["gram", "taps"])
 @pytest.mark.parametrize("case", CONV_CASES.values(), ids=CONV_CASES.keys())
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
-def test_example_kernel_grads_equal_vjp_kernel_grads_on_both_paths(
-    x64, monkeypatch, case, jit, unfold
-):
-    # the patches product below EXAMPLE_PATCHES_MAX, the grouped convolution above it: both are
-    # g_n = Σ_positions u_n δ_nᵀ, so both meet the vjp's at the module docstring's margin
-    monkeypatch.setattr(_conv, "EXAMPLE_PATCHES_MAX", 2**62 if unfold else 0)
+def test_example_kernel_grads_equal_vjp_kernel_grads(x64, monkeypatch, case, jit, gram):
+    # one product per tap, g_n[i, j] = Σ_positions x_pad[n, s p + (i, j)] δ_nᵀ: the same sums as
+    # the vjp's in another order, so they meet at the module docstring's margin. The norms take
+    # the Gram form where it is cheaper, else the taps' products: forced here, each on every case
+    monkeypatch.setattr(_conv, "use_gram", lambda *shape: gram)
     shape = case[3]
     rng = np.random.default_rng(3)
     layer, params, out_shape, x, cache = _tanh_conv_on_random_input(case, rng)

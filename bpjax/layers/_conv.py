@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -29,17 +28,16 @@ from bpjax.layers._init import (
     truncated_normal_weight,
 )
 from bpjax.layers._outer import (
-    example_outer,
+    column_sum,
     example_outer_sq_norms,
     example_outer_square_sums,
-    example_outer_square_sums_t,
+    example_outer_t,
     kfac_outer,
     outer_square_sum,
-    outer_square_sum_t,
     use_gram,
 )
 
-__all__ = ["EXAMPLE_PATCHES_MAX", "Conv2D", "Conv2DCache", "conv_patches"]
+__all__ = ["Conv2D", "Conv2DCache", "conv_patches"]
 
 _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")  # the forward: images NHWC, kernel (kh, kw, C_in, C_out)
 # dx: the flipped kernel read with its in/out axes swapped (HWOI), so no transpose is copied
@@ -68,32 +66,16 @@ def _dodge_group_dim(
     return pads, 0
 
 
-def conv_patches(
-    x: Array,
-    window: tuple[int, int],
-    strides: tuple[int, int],
-    pads: Pads,
-    *,
-    channel_major: bool = True,
-) -> Array:
+def conv_patches(x: Array, window: tuple[int, int], strides: tuple[int, int], pads: Pads) -> Array:
     """Every window of the padded input unfolded: ``(batch, H_out·W_out, C·k_h·k_w)``.
 
-    ``channel_major``: entry ``c·k_h·k_w + i·k_w + j`` holds ``x_pad[n, s_h p + i, s_w q + j,
-    c]``, the order of :func:`jax.lax.conv_general_dilated_patches` (and exactly its values).
-    Otherwise entry ``(i·k_w + j)·C + c``: the order of an HWIO kernel's first three axes, so a
-    ``(C·k_h·k_w, features)`` result reshapes to ``(k_h, k_w, C, features)`` with no transpose.
-    Built from :func:`conv_taps`: no convolution.
+    Entry ``c·k_h·k_w + i·k_w + j`` holds ``x_pad[n, s_h p + i, s_w q + j, c]``, the order of
+    :func:`jax.lax.conv_general_dilated_patches` (and exactly its values). Built from
+    :func:`conv_taps`: no convolution.
     """
     taps = conv_taps(x, window, strides, pads)
-    # channel major: (batch, H_out, W_out, C, k_h·k_w); else (batch, H_out, W_out, k_h·k_w·C)
-    u = jnp.stack(taps, axis=-1) if channel_major else jnp.concatenate(taps, axis=-1)
+    u = jnp.stack(taps, axis=-1)  # (batch, H_out, W_out, C, k_h·k_w)
     return u.reshape(x.shape[0], taps[0].shape[1] * taps[0].shape[2], -1)
-
-
-EXAMPLE_PATCHES_MAX = 2**26
-"""Entries of unfolded patches (``batch·H_out·W_out·k_h·k_w·C_in``; 256 MiB in float32) up to
-which :class:`Conv2D`'s per-example kernel gradients unfold the input instead of running a grouped
-convolution."""
 
 
 class Conv2DCache(NamedTuple):
@@ -309,13 +291,11 @@ class Conv2D:
     # so g_n = Σ_{p,q} δ[n, p, q] u[n, p, q]ᵀ over the P = H_out·W_out positions. The norm takes
     # the Gram form of layers._outer over the patches where P·(features + C_in k_h k_w) is the
     # smaller cost (few positions, wide kernels); otherwise the per-example kernel gradients are
-    # one batched product with the patches (_example_kernel_grads).
+    # one batched product per tap (i, j) (_example_tap_grads), each a (C_in, features) block.
 
-    def _patches(self, x: Array, *, channel_major: bool = True) -> Array:
+    def _patches(self, x: Array) -> Array:
         """``(batch, H_out·W_out, C_in·k_h·k_w)``: :func:`conv_patches` of this layer."""
-        return conv_patches(
-            x, self._window, self._strides, self._pads(x.shape), channel_major=channel_major
-        )
+        return conv_patches(x, self._window, self._strides, self._pads(x.shape))
 
     def _as_kernel(self, g: Array, c_in: int) -> Array:
         """``(..., features, C_in·k_h·k_w)`` back to HWIO ``(..., k_h, k_w, C_in, features)``."""
@@ -325,28 +305,33 @@ class Conv2D:
         order = (*range(lead), lead + 2, lead + 3, lead + 1, lead)
         return jnp.transpose(g, order)
 
-    def _example_kernel_grads(self, x: Array, delta: Array) -> Array:
-        """``∇W_n`` for every example, ``(batch, k_h, k_w, C_in, features)``.
+    def _taps(self, x: Array) -> list[Array]:
+        """The input under each tap ``(i, j)`` (row-major), channels first: ``(batch, C_in, P)``
+        with ``x_pad[n, s_h p + i, s_w q + j, c]`` at ``[n, c, p·W_out + q]``
+        (:func:`conv_taps`)."""
+        taps = conv_taps(
+            jnp.moveaxis(x, 3, 1),
+            self._window,
+            self._strides,
+            self._pads(x.shape),
+            channels_first=True,
+        )
+        return [tap.reshape(*tap.shape[:2], -1) for tap in taps]
 
-        ``∇W̃_n = u_nᵀ δ_n`` over the positions, one batched product with the unfolded patches
-        (HWIO order, :func:`conv_patches`) on the left, where the patches take at most
-        :data:`EXAMPLE_PATCHES_MAX` entries: on the benchmark CNN (B = 128) it took 12 and 39 ms
-        against 27 and 51 ms for the grouped convolution below, as BackPACK's unfolding does.
-        Beyond that the patches' ``k_h·k_w``-fold copy of the input would dominate memory, and
-        the backward's own kernel-gradient convolution runs per example (``vmap``: one grouped
-        convolution).
+    def _example_tap_grads(self, x: Array, delta: Array) -> list[Array]:
+        """``∇W_n[i, j] = Σ_{p,q} x_pad[n, s_h p + i, s_w q + j] δ[n, p, q]ᵀ`` for every tap
+        ``(i, j)`` (row-major) and example: a list of ``(batch, C_in, features)``.
+
+        One batched product per tap, over a strided slice of the channels-first input
+        (:func:`conv_taps`): the ``k_h·k_w``-fold copy of the unfolded patches is never built.
+        On the benchmark CNN (B = 128) the kernel gradients took 6 and 32 ms this way, against 12
+        and 39 ms through the patches and 27 and 51 ms for a grouped convolution (the backward's
+        kernel-gradient convolution under ``vmap``); the channels-last slices, with ``C_in``
+        innermost, fed the products 1.5× slower.
         """
-        kh, kw = self._window
-        batch, c_in, features = x.shape[0], x.shape[-1], delta.shape[-1]
-        positions = delta.size // (batch * features)
-        if batch * positions * kh * kw * c_in <= EXAMPLE_PATCHES_MAX:
-            u = self._patches(x, channel_major=False)  # (batch, P, k_h k_w C_in)
-            d = delta.reshape(batch, positions, features)
-            # Σ_t u_t δ_tᵀ: the outer products with the patches as the "error" side, so the
-            # result is already HWIO-ordered (k_h k_w C_in, features)
-            g = example_outer(u, d, precision=self.precision)
-            return g.reshape(batch, kh, kw, c_in, features)
-        return jax.vmap(lambda x_n, d_n: self._kernel_grad(x_n[None], d_n[None]))(x, delta)
+        batch, features = delta.shape[0], delta.shape[-1]
+        d = delta.reshape(batch, -1, features)  # (batch, P, features)
+        return [example_outer_t(tap, d, self.precision) for tap in self._taps(x)]
 
     def _gram(self, x: Array, delta: Array) -> bool:
         positions = delta.size // (delta.shape[0] * delta.shape[-1])
@@ -358,31 +343,37 @@ class Conv2D:
     ) -> dict[str, Array]:
         """``∇W_n = Σ_{p,q} x_pad[n, window] δ[n, p, q]``, ``∇b_n = Σ_{p,q} δ[n, p, q]``:
         ``(batch, k_h, k_w, C_in, features)``, ``(batch, features)``."""
-        kernel = self._example_kernel_grads(cache.x, delta)
+        kh, kw = self._window
+        taps = self._example_tap_grads(cache.x, delta)
+        kernel = jnp.stack(taps, axis=1).reshape(delta.shape[0], kh, kw, *taps[0].shape[1:])
         return {"W": kernel, "b": jnp.sum(delta, axis=(1, 2))}
 
     def example_sq_norms(
         self, params: dict[str, Array], cache: Conv2DCache, delta: Array
     ) -> dict[str, Array]:
         """``‖∇W_n‖²`` (the Gram form over the patches where it is cheaper, else the
-        per-example kernel gradients) and ``‖∇b_n‖²``."""
+        per-example kernel gradients, tap by tap) and ``‖∇b_n‖²``."""
         bias = jnp.sum(jnp.sum(delta, axis=(1, 2)) ** 2, axis=-1)
         if self._gram(cache.x, delta):
             d = delta.reshape(delta.shape[0], -1, delta.shape[-1])
             return {"W": example_outer_sq_norms(d, self._patches(cache.x)), "b": bias}
-        kernel = self._example_kernel_grads(cache.x, delta)
-        return {"W": jnp.sum(kernel**2, axis=(1, 2, 3, 4)), "b": bias}
+        # the taps are disjoint blocks of ∇W_n: their squared norms add up
+        norms = [jnp.sum(g**2, axis=(1, 2)) for g in self._example_tap_grads(cache.x, delta)]
+        return {"W": sum(norms[1:], norms[0]), "b": bias}
 
     def _square_sums(
         self, cache: Conv2DCache, deltas: Array, weights: Array, per_example: bool
     ) -> dict[str, Array]:
         """``Σ_c w_{c,n} (∇θ_{c,n})²``, summed over the batch unless ``per_example``.
 
-        ``∇W̃_{c,n}ᵀ = Σ_{p,q} u[n, p, q] δ_c[n, p, q]ᵀ`` from the patches ``u`` unfolded once
-        (:func:`conv_patches`, in the kernel's HWI order), shared by all ``k`` columns: per
-        column one batched product ``(batch, k_h k_w C_in, P)·(batch, P, features)``, squared
-        and weighted. Vmapping the kernel-gradient convolution instead runs one grouped
-        convolution per column, which XLA:CPU takes 1.5–2× longer over (a CNN's GGN diagonal).
+        Tap by tap, ``∇W_{c,n}[i, j]ᵀ = Σ_{p,q} x_pad[n, s_h p + i, s_w q + j] δ_c[n, p, q]ᵀ``:
+        the channels-first slices (:func:`conv_taps`) are cut once and shared by all ``k``
+        columns; per column and tap one batched product ``(batch, C_in, P)·(batch, P,
+        features)``, squared and weighted. Vmapping the kernel-gradient convolution instead runs
+        one grouped convolution per column, which XLA:CPU takes 1.5–2× longer over (a CNN's GGN
+        diagonal); unfolding the patches first costs a ``k_h·k_w``-fold copy of the input that
+        the taps never make (on the benchmark CNN's layers, ``k = 1``: 7 and 35 ms against 11
+        and 42 ms).
         """
         d = deltas.reshape(*deltas.shape[:2], -1, deltas.shape[-1])
         bias = jnp.einsum(
@@ -392,10 +383,16 @@ class Conv2D:
             square = example_outer_square_sums if per_example else outer_square_sum
             g = self._as_kernel(square(d, self._patches(cache.x), weights), cache.x.shape[-1])
             return {"W": g, "b": bias}
-        u_t = jnp.swapaxes(self._patches(cache.x, channel_major=False), 1, 2)  # (B, F, P)
-        square_t = example_outer_square_sums_t if per_example else outer_square_sum_t
-        g_t = square_t(d, u_t, weights, self.precision)  # (..., k_h k_w C_in, features)
-        return {"W": g_t.reshape(*g_t.shape[:-2], *self._window, -1, g_t.shape[-1]), "b": bias}
+        taps = self._taps(cache.x)
+
+        def term(delta: Array, w: Array) -> list[Array]:
+            blocks = [example_outer_t(tap, delta, self.precision) ** 2 for tap in taps]
+            if per_example:
+                return [w[:, None, None] * block for block in blocks]
+            return [jnp.einsum("b,bcm->cm", w, block) for block in blocks]
+
+        g = jnp.stack(column_sum(term, d, weights), axis=-3)  # (..., k_h k_w, C_in, features)
+        return {"W": g.reshape(*g.shape[:-3], *self._window, *g.shape[-2:]), "b": bias}
 
     def square_sum(
         self, params: dict[str, Array], cache: Conv2DCache, deltas: Array, weights: Array

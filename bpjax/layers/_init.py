@@ -252,31 +252,36 @@ def transposed_pads(size: int, pads: tuple[int, int], window: int, stride: int) 
 
 
 def conv_taps(
-    x: Array, window: tuple[int, int], strides: tuple[int, int], pads: Pads
+    x: Array,
+    window: tuple[int, int],
+    strides: tuple[int, int],
+    pads: Pads,
+    *,
+    channels_first: bool = False,
 ) -> list[Array]:
     """The ``k_h·k_w`` strided slices of the zero-padded input that a convolution reads.
 
     Tap ``(i, j)`` is ``x_pad[n, s_h p + i, s_w q + j, c]`` for every output position ``(p, q)``,
-    shape ``(batch, H_out, W_out, C)``; the list runs over ``(i, j)`` row-major. Slices are
-    copies at memory speed: :func:`jax.lax.conv_general_dilated_patches` computes the same values
-    as a convolution with an identity kernel, which XLA:CPU runs 3× slower on a 3-channel input
-    (16 ms against 5 ms for the first layer of the benchmark CNN, 32×32×3 at B=128) and no faster
-    on 32 channels.
+    shape ``(batch, H_out, W_out, C)``; the list runs over ``(i, j)`` row-major. With
+    ``channels_first`` ``x`` is ``(batch, C, H, W)`` and each tap ``(batch, C, H_out, W_out)``.
+    Slices are copies at memory speed: :func:`jax.lax.conv_general_dilated_patches` computes the
+    same values as a convolution with an identity kernel, which XLA:CPU runs 3× slower on a
+    3-channel input (16 ms against 5 ms for the first layer of the benchmark CNN, 32×32×3 at
+    B=128) and no faster on 32 channels.
     """
     (kh, kw), (sh, sw) = window, strides
     (top, bottom), (left, right) = pads
-    x_pad = lax.pad(
-        x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0))
-    )
-    h_out = (x_pad.shape[1] - kh) // sh + 1
-    w_out = (x_pad.shape[2] - kw) // sw + 1
-    return [
-        lax.slice(
-            x_pad,
-            (0, i, j, 0),
-            (x.shape[0], i + sh * (h_out - 1) + 1, j + sw * (w_out - 1) + 1, x.shape[3]),
-            (1, sh, sw, 1),
-        )
-        for i in range(kh)
-        for j in range(kw)
-    ]
+    row, col = (2, 3) if channels_first else (1, 2)
+    config = [(0, 0, 0)] * 4
+    config[row], config[col] = (top, bottom, 0), (left, right, 0)
+    x_pad = lax.pad(x, jnp.zeros((), x.dtype), config)
+    h_out = (x_pad.shape[row] - kh) // sh + 1
+    w_out = (x_pad.shape[col] - kw) // sw + 1
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            start, limit, step = [0] * 4, list(x_pad.shape), [1] * 4
+            start[row], limit[row], step[row] = i, i + sh * (h_out - 1) + 1, sh
+            start[col], limit[col], step[col] = j, j + sw * (w_out - 1) + 1, sw
+            taps.append(lax.slice(x_pad, start, limit, step))
+    return taps

@@ -11,10 +11,9 @@ convolution's unfolded patch)::
 :class:`~bpjax.layers.LSTM` reshape their error and input to ``(batch, P, m)`` and ``(batch, P, n)``
 and call these functions from their extension rules (the protocol is in :mod:`bpjax.extend.rules`).
 
-Where the inputs are shared by many errors (the columns of a loss-Hessian factor) and ``P`` is
-large (a convolution's output pixels), :func:`outer_square_sum_t` and
-:func:`example_outer_square_sums_t` take them once transposed, ``(batch, n, P)``, and form
-``g_nᵀ`` with them as the dot's left operand (see :func:`example_outer_t`).
+Where ``P`` is large (a convolution's output pixels) the inputs are taken once transposed,
+``(batch, n, P)``, and ``g_nᵀ`` is formed with them as the dot's left operand
+(:func:`example_outer_t`; Conv2D, one call per kernel tap).
 
 The squared norm ``‖g_n‖²_F`` has two forms: materialising ``g_n`` costs ``P·m·n`` multiply-adds
 and ``m·n`` memory per example; the Gram form
@@ -39,11 +38,9 @@ __all__ = [
     "example_outer",
     "example_outer_sq_norms",
     "example_outer_square_sums",
-    "example_outer_square_sums_t",
     "example_outer_t",
     "kfac_outer",
     "outer_square_sum",
-    "outer_square_sum_t",
     "use_gram",
 ]
 
@@ -143,32 +140,6 @@ def example_outer_t(a_t: Array, delta: Array, precision: Any = None) -> Array:
     interleaved calls on 2 shared cores: within the noise, not a reason on its own.)
     """
     return lax.dot_general(a_t, delta, (((2,), (1,)), ((0,), (0,))), precision=precision)
-
-
-def outer_square_sum_t(deltas: Array, a_t: Array, weights: Array, precision: Any = None) -> Array:
-    """``Σ_c Σ_n w_{c,n} (g_{c,n}ᵀ)²`` elementwise, shape ``(n, m)``: :func:`outer_square_sum`
-    transposed, from the transposed inputs ``a_t`` ``(batch, n, P)``.
-
-    Each column's ``g_{c,n}ᵀ`` (:func:`example_outer_t`) is materialised in turn
-    (``batch·n·m`` memory at a time), squared and contracted with ``w_{·,c}`` over the batch.
-    """
-    return column_sum(
-        lambda delta, w: jnp.einsum("b,bnm->nm", w, example_outer_t(a_t, delta, precision) ** 2),
-        deltas,
-        weights,
-    )
-
-
-def example_outer_square_sums_t(
-    deltas: Array, a_t: Array, weights: Array, precision: Any = None
-) -> Array:
-    """``Σ_c w_{c,n} (g_{c,n}ᵀ)²`` per example, shape ``(batch, n, m)``; arguments as for
-    :func:`outer_square_sum_t`."""
-    return column_sum(
-        lambda delta, w: w[:, None, None] * example_outer_t(a_t, delta, precision) ** 2,
-        deltas,
-        weights,
-    )
 
 
 def kfac_outer(
