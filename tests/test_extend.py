@@ -485,3 +485,56 @@ def test_bad_damping_and_quantities(small):
     with pytest.raises(ValueError, match="kfac_factors: kfac_preconditioner's update needs"):
         opt = bx.kfac_preconditioner(damping=1.0)
         opt.update(params, opt.init(params), params)
+
+
+@pytest.mark.parametrize("targets", ["labels", "probabilities", "counts", "positions"])
+@pytest.mark.parametrize("maybe_jit", [jax.jit, lambda f: f], ids=["jit", "nojit"])
+def test_minimal_softmax_factor_has_one_column_fewer_and_the_same_hessian(x64, targets, maybe_jit):
+    # H_n by jax.hessian of the per-position cross-entropy; S Sᵀ against it at RTOL: both
+    # factors are a few float64 products per entry (~1e-16 relative)
+    n, batch = 5, 4
+    rng = np.random.default_rng(0)
+    positions = (3,) if targets == "positions" else ()
+    z = jnp.asarray(rng.normal(size=(batch, *positions, n)) * 3)
+    if targets == "probabilities":
+        y = jnp.asarray(rng.dirichlet(np.ones(n), size=batch))
+    elif targets == "counts":  # σ = Σ_j y_j ≠ 1 scales H
+        y = jnp.asarray(rng.uniform(0, 2, size=(batch, n)))
+    else:
+        y = jnp.asarray(rng.integers(0, n, size=(batch, *positions)))
+    net = bp.serial(
+        *([bp.layers.Dense(n, "softmax")]), loss="cross_entropy",
+        input_shape=(*positions, 2),
+    )  # fmt: skip
+    rows_y = y.reshape(-1, *y.shape[1 + len(positions) :])  # as net.check_targets gives them
+
+    def row_loss(z_r, y_r):
+        log_p = jax.nn.log_softmax(z_r)
+        return -log_p[y_r] if y_r.ndim == 0 else -jnp.sum(y_r * log_p)
+
+    rows = jax.vmap(jax.hessian(row_loss))(z.reshape(-1, n), rows_y)
+    p_count = int(np.prod(positions, dtype=int))
+    hess = np.zeros((batch, p_count * n, p_count * n))  # block diagonal over positions, / P
+    for b in range(batch):
+        for q in range(p_count):
+            hess[b, q * n : (q + 1) * n, q * n : (q + 1) * n] = rows[b * p_count + q] / p_count
+    for minimal, k in ((False, n), (True, n - 1)):
+        factor = maybe_jit(lambda z, y, m=minimal: bx.loss_hessian_factor(net, z, y, minimal=m)[0])(
+            z, rows_y
+        )
+        assert factor.shape == (batch, *positions, n, p_count * k)
+        s = np.asarray(factor).reshape(batch, p_count * n, p_count * k)
+        np.testing.assert_allclose(s @ s.transpose(0, 2, 1), hess, rtol=0, atol=RTOL)
+
+
+def test_minimal_softmax_factor_keeps_the_poison_and_one_class(x64):
+    net = bp.serial(bp.layers.Dense(3, "softmax"), loss="cross_entropy", input_shape=(2,))
+    z = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3)))
+    factor = bx.loss_hessian_factor(net, z, jnp.asarray([0, 7, 2]), minimal=True)[0]
+    assert factor.shape == (3, 3, 2)
+    np.testing.assert_array_equal(np.isnan(factor).all(axis=(1, 2)), [False, True, False])
+    # one class: H = 0 has rank 0, and the factor keeps its one (zero) column
+    net1 = bp.serial(bp.layers.Dense(1, "softmax"), loss="cross_entropy", input_shape=(2,))
+    one = bx.loss_hessian_factor(net1, z[:, :1], jnp.zeros(3, int), minimal=True)[0]
+    assert one.shape == (3, 1, 1)
+    np.testing.assert_array_equal(one, 0.0)

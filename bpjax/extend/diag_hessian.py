@@ -155,7 +155,7 @@ def _hessian_sums(net: Any, params: Params, x: Array, y: Array, per_example: boo
     records = rules.records(net, params, cache)
     rule = rules.example_square_sums if per_example else rules.square_sum
 
-    factor, signs = loss_hessian_factor(net, output_variable(net, cache), fwd.y)
+    factor, signs = loss_hessian_factor(net, output_variable(net, cache), fwd.y, minimal=True)
     columns = _columns(factor)
     weights = column_weights(signs, columns.shape[0], batch, dtype)
     start = net.output_error(cache, fwd.y, weights=jnp.ones(batch, dtype))

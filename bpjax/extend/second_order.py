@@ -50,8 +50,13 @@ __all__ = [
 ]
 
 
-def _row_factor(net: Any, v: Array, y: Array) -> tuple[Array, Array | None]:
-    """A factor of each row's loss Hessian: ``v`` ``(rows, n)``, ``y`` the rows of the targets."""
+def _row_factor(
+    net: Any, v: Array, y: Array, *, minimal: bool = False
+) -> tuple[Array, Array | None]:
+    """A factor of each row's loss Hessian: ``v`` ``(rows, n)``, ``y`` the rows of the targets.
+
+    ``minimal``: softmax cross-entropy's with ``n − 1`` columns (:func:`loss_hessian_factor`).
+    """
     n = v.shape[-1]
     eye = jnp.eye(n, dtype=v.dtype)
     pair = (net.layers[-1].activation, net.objective) if curvature_at_z(net) else None
@@ -68,6 +73,12 @@ def _row_factor(net: Any, v: Array, y: Array) -> tuple[Array, Array | None]:
             factor = factor * jnp.sqrt(jnp.sum(y, axis=-1))[:, None, None]
         else:  # H does not depend on a label, but C_n is undefined for one out of range: NaN
             factor = factor * _losses.label_poison(y, n, v.dtype)[:, None, None]
+        if minimal and n > 1:
+            # S R with R the first n − 1 columns of the reflection I − u uᵀ/(1 + √p_n),
+            # u = √p + e_n, which takes √p to −e_n: R spans √p⊥ ⊇ S's row space (S √p = 0),
+            # so (S R)(S R)ᵀ = S Sᵀ. S u = S e_n, the last column: no product needed.
+            scale = sqrt_p[:, None, :-1] / (1 + sqrt_p[:, None, -1:])
+            factor = factor[:, :, :-1] - factor[:, :, -1:] * scale
         return factor, None
 
     def one(v_r: Array, y_r: Array) -> Array:
@@ -79,7 +90,9 @@ def _row_factor(net: Any, v: Array, y: Array) -> tuple[Array, Array | None]:
     return eigvecs * jnp.sqrt(jnp.abs(eigvals))[:, None, :], jnp.sign(eigvals)
 
 
-def loss_hessian_factor(net: Any, z: Array, y: Array) -> tuple[Array, Array | None]:
+def loss_hessian_factor(
+    net: Any, z: Array, y: Array, *, minimal: bool = False
+) -> tuple[Array, Array | None]:
     """A factor ``S_n D_n S_nᵀ = H_n`` of the loss Hessian at the output.
 
     ``H_n = ∂²C_n/∂v_n²`` at the output variable ``v`` (:func:`~bpjax.extend.passes.
@@ -92,13 +105,23 @@ def loss_hessian_factor(net: Any, z: Array, y: Array) -> tuple[Array, Array | No
       net: a :class:`bpjax.MLP` or a :func:`bpjax.serial` network.
       z: the output variable, shape ``(batch, ..., n_L)`` (``(batch, n_L)`` for an MLP).
       y: targets as ``net.check_targets`` returns them (one row per output position).
+      minimal: for softmax + cross_entropy, whose ``H_n = σ (diag(p) − p pᵀ)`` has rank
+        ``n_L − 1`` (``H_n 1 = 0``), a factor with ``n_L − 1`` columns per position instead of
+        ``n_L``: ``S_n R_n``, where ``R_n`` is the first ``n_L − 1`` columns of the Householder
+        reflection ``I − u uᵀ/(1 + √p_{n_L})``, ``u = √p + e_{n_L}``, which takes ``√p`` to
+        ``−e_{n_L}``. ``S_n √p = 0``, so ``R_n R_nᵀ = I − √p √pᵀ`` leaves ``S_n`` unchanged and
+        ``(S_n R_n)(S_n R_n)ᵀ = H_n``; elementwise, ``S_n R_n`` is ``S_n``'s first ``n_L − 1``
+        columns minus its last times ``√p_j / (1 + √p_{n_L})``. The sums over columns sent down
+        the recursion (:func:`diag_ggn`, :func:`batch_diag_ggn`,
+        :func:`~bpjax.extend.kfac_factors`, :func:`~bpjax.extend.diag_hessian`) take it: one
+        column fewer, 10% less work for 10 classes. Other pairs are unchanged.
 
     Returns:
       ``(S, signs)``: ``S`` of shape ``(batch, ..., n_L, k)`` and ``signs`` of shape
       ``(batch, k)`` with the ±1 of ``D_n``, or ``None`` when ``D_n = I`` (the canonical pairs).
     """
     check_net(net)
-    factor, signs = _row_factor(net, z.reshape(-1, z.shape[-1]), y)
+    factor, signs = _row_factor(net, z.reshape(-1, z.shape[-1]), y, minimal=minimal)
     return block_diagonal_factor(factor, signs, z.shape, mean=True)
 
 
@@ -111,7 +134,7 @@ def curvature_deltas(
       ``(deltas, signs)``: per layer the error it records from each column, ``(k, batch, ...)``,
       and ``signs`` as :func:`loss_hessian_factor` returns them.
     """
-    factor, signs = loss_hessian_factor(net, output_variable(net, fwd.cache), fwd.y)
+    factor, signs = loss_hessian_factor(net, output_variable(net, fwd.cache), fwd.y, minimal=True)
     return factor_deltas(net, params, fwd.cache, factor), signs
 
 
