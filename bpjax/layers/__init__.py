@@ -38,11 +38,14 @@ time; also importable from :mod:`bpjax.rnn`). :class:`Sequential` is layers in s
 pieces a layer made of layers is built from (:class:`Residual`, :class:`Sequential` and networks
 use them). :func:`weight_grad` is ``∇W = δᵀ a`` for Dense and the recurrent layers, its dot
 layout measured once per shape on the CPU that runs it (:func:`weight_grad_layout`; pin it with
-the environment variable ``BPJAX_WEIGHT_GRAD_LAYOUT=fold|materialise``). The protocol and the
-maths: docs/design.md.
+the environment variable ``BPJAX_WEIGHT_GRAD_LAYOUT=fold|materialise``); :func:`conv_kernel_grad`
+is Conv2D's ``∂C/∂W``, one convolution or one dot per kernel tap, whichever was measured faster
+for the shape on this CPU (:func:`kernel_grad_method`; pin it with
+``BPJAX_CONV_KERNEL_GRAD=conv|taps``). The protocol and the maths: docs/design.md.
 """
 
 from bpjax.layers._conv import Conv2D, Conv2DCache
+from bpjax.layers._conv_method import KERNEL_GRAD_ENV, conv_kernel_grad, kernel_grad_method
 from bpjax.layers._core import (
     Layer,
     backprop,
@@ -67,6 +70,7 @@ from bpjax.layers._residual import Residual, ResidualCache
 from bpjax.layers._sequential import Sequential, SequentialCache
 
 __all__ = [
+    "KERNEL_GRAD_ENV",
     "LAYOUT_ENV",
     "LSTM",
     "AvgPool2D",
@@ -98,6 +102,8 @@ __all__ = [
     "chain_init",
     "check_layers",
     "column_sum",
+    "conv_kernel_grad",
+    "kernel_grad_method",
     "layer_forward",
     "split_key",
     "weight_grad",

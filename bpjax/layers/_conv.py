@@ -15,6 +15,7 @@ from jax import lax
 
 from bpjax import activations as _act
 from bpjax._types import Array, PRNGKey
+from bpjax.layers._conv_method import conv_kernel_grad
 from bpjax.layers._init import (
     Pads,
     check_padding,
@@ -42,9 +43,6 @@ __all__ = ["Conv2D", "Conv2DCache", "conv_patches"]
 _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")  # the forward: images NHWC, kernel (kh, kw, C_in, C_out)
 # dx: the flipped kernel read with its in/out axes swapped (HWOI), so no transpose is copied
 _NHWC_HWOI = ("NHWC", "HWOI", "NHWC")
-# dW: channels of x as the convolution's batch, the batch as its contracted feature axis, δ as the
-# kernel (n → input feature, its channels → output feature); the output comes out as HWIO
-_CHWN_IHWO = ("CHWN", "IHWO", "HWNC")
 
 
 def _dodge_group_dim(
@@ -263,19 +261,10 @@ class Conv2D:
         return {"W": grad_w, "b": grad_b}, dx
 
     def _kernel_grad(self, x: Array, delta: Array) -> Array:
-        """``∂C/∂W[i,j,c,o] = Σ_{n,p,q} x_pad[n, s_h p + i, s_w q + j, c] δ[n,p,q,o]``, HWIO."""
-        (kh, kw), (sh, sw) = self._window, self._strides
-        (top, bottom), (left, right) = self._pads(x.shape)
-        rest_h = (x.shape[1] + top + bottom - kh) % sh  # rows no window reached
-        rest_w = (x.shape[2] + left + right - kw) % sw
-        return lax.conv_general_dilated(
-            x,
-            delta,
-            (1, 1),
-            ((top, bottom - rest_h), (left, right - rest_w)),
-            rhs_dilation=(sh, sw),
-            dimension_numbers=_CHWN_IHWO,
-            precision=self.precision,
+        """``∂C/∂W[i,j,c,o] = Σ_{n,p,q} x_pad[n, s_h p + i, s_w q + j, c] δ[n,p,q,o]``, HWIO, by
+        the method measured fastest for the shape (:func:`conv_kernel_grad`)."""
+        return conv_kernel_grad(
+            x, delta, self._window, self._strides, self._pads(x.shape), self.precision
         )
 
     def backward(

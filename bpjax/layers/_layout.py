@@ -38,6 +38,7 @@ __all__ = [
     "LAYOUTS",
     "LAYOUT_ENV",
     "MEASURE_FLOPS",
+    "paired_ratio",
     "weight_grad",
     "weight_grad_layout",
 ]
@@ -115,6 +116,30 @@ def _repeated(layout: Any, repeats: int) -> Any:
     return jax.jit(run)
 
 
+def paired_ratio(fn_a: Any, fn_b: Any, args: tuple[Any, ...]) -> float:
+    """The median over interleaved rounds of ``time(fn_a(*args)) / time(fn_b(*args))``.
+
+    Both are compiled and warmed up first; then 5–15 rounds (as many as fit 0.2 s), each timing
+    one call of each. A burst of load in one round cannot swing the median of per-round ratios.
+    Call it under ``jax.ensure_compile_time_eval`` with concrete ``args`` when inside a trace.
+    """
+    for fn in (fn_a, fn_b):
+        jax.block_until_ready(fn(*args))  # compile and warm up
+    start = time.perf_counter()
+    jax.block_until_ready(fn_a(*args))
+    once = time.perf_counter() - start
+    rounds = int(min(_ROUNDS[1], max(_ROUNDS[0], _BUDGET_S / max(once, 1e-6))))
+    ratios = []
+    for _ in range(rounds):
+        took = []
+        for fn in (fn_a, fn_b):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            took.append(time.perf_counter() - start)
+        ratios.append(took[0] / took[1])
+    return statistics.median(ratios)
+
+
 @functools.cache
 def _measured_layout(batch: int, n_out: int, n_in: int, dtype: str) -> str:
     """``fold`` if it is faster by :data:`_MARGIN` in the median of interleaved paired timings of
@@ -133,21 +158,8 @@ def _measured_layout(batch: int, n_out: int, n_in: int, dtype: str) -> str:
             name: _repeated(layout, repeats)
             for name, layout in zip(LAYOUTS, (_fold, _materialise), strict=True)
         }
-        for fn in fns.values():
-            jax.block_until_ready(fn(*args))  # compile and warm up
-        start = time.perf_counter()
-        jax.block_until_ready(fns["fold"](*args))
-        once = time.perf_counter() - start
-        rounds = int(min(_ROUNDS[1], max(_ROUNDS[0], _BUDGET_S / max(once, 1e-6))))
-        ratios = []  # fold time / materialise time, per round
-        for _ in range(rounds):
-            took = {}
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                jax.block_until_ready(fn(*args))
-                took[name] = time.perf_counter() - start
-            ratios.append(took["fold"] / took["materialise"])
-    return "fold" if statistics.median(ratios) < _MARGIN else "materialise"
+        ratio = paired_ratio(fns["fold"], fns["materialise"], args)
+    return "fold" if ratio < _MARGIN else "materialise"
 
 
 def weight_grad(delta: Array, a_prev: Array) -> Array:

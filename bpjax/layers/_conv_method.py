@@ -1,0 +1,180 @@
+"""A convolution's kernel gradient ``∂C/∂W``, by the method measured fastest on the running CPU.
+
+``∂C/∂W[i,j,c,o] = Σ_{n,p,q} x_pad[n, s_h p + i, s_w q + j, c] δ[n,p,q,o]`` has two forms:
+
+- ``conv``: one convolution of the input with δ as the kernel (batch and positions contracted),
+  as ``jax.vjp`` of ``lax.conv_general_dilated`` computes it;
+- ``taps``: per kernel tap ``(i, j)`` one dot ``tapᵀ δ`` of the strided slice the tap reads
+  (:func:`~bpjax.layers._init.conv_taps`, ``(B·H_out·W_out, C_in)``) with δ
+  (``(B·H_out·W_out, features)``): ``k_h·k_w`` dots over ``B·P`` rows.
+
+Which is faster depends on the CPU and the shape. On a 2-core AVX-512 EPYC (jax 0.10.2, XLA:CPU)
+the benchmark CNN's first layer (32×32×3 → 32 features, 3×3, B = 128) took 28 ms as a
+convolution and 8 ms by taps: XLA:CPU's convolution handles 3 input channels poorly. Its second
+layer (16×16×32 → 64) took 19 ms as a convolution and 48 ms by taps. So the method is
+**measured once per process** for each shape, on CPU, the first time a trace needs it, as the
+dense weight gradient's layout is (:mod:`bpjax.layers._layout`): both forms compiled, timed in
+interleaved rounds, ``taps`` kept only where it wins the median round by 3%.
+
+``BPJAX_CONV_KERNEL_GRAD=conv`` or ``=taps`` pins the method (benchmarks, bit-for-bit
+reproducible runs: the two sum in different orders); ``auto`` (or unset) measures. Kernel
+gradients under :data:`~bpjax.layers._layout.MEASURE_FLOPS`, and every non-CPU backend, take
+``conv``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bpjax._types import Array
+from bpjax.layers._init import Pads, conv_taps
+from bpjax.layers._layout import MEASURE_FLOPS, paired_ratio
+
+__all__ = [
+    "KERNEL_GRAD_ENV",
+    "KERNEL_GRAD_METHODS",
+    "conv_kernel_grad",
+    "kernel_grad_method",
+]
+
+KERNEL_GRAD_METHODS = ("conv", "taps")
+"""``conv``: one convolution over the batch; ``taps``: one dot per kernel tap."""
+
+KERNEL_GRAD_ENV = "BPJAX_CONV_KERNEL_GRAD"
+"""The environment variable that pins the method: one of :data:`KERNEL_GRAD_METHODS`, or
+``auto``."""
+
+_MARGIN = 0.97  # taps must win by this much: a near tie keeps XLA's convolution
+# dW: channels of x as the convolution's batch, the batch as its contracted feature axis, δ as the
+# kernel (n → input feature, its channels → output feature); the output comes out as HWIO
+_CHWN_IHWO = ("CHWN", "IHWO", "HWNC")
+
+
+def kernel_grad_method(
+    x_shape: tuple[int, ...],
+    features: int,
+    window: tuple[int, int],
+    strides: tuple[int, int],
+    pads: Pads,
+    dtype: Any,
+) -> str:
+    """``"conv"`` or ``"taps"`` for the kernel gradient of a convolution of an input of shape
+    ``x_shape`` (NHWC) to ``features`` channels: the pin in ``BPJAX_CONV_KERNEL_GRAD`` if set,
+    else ``"conv"`` off CPU and for small convolutions, else the faster on this CPU, measured
+    once.
+
+    Raises:
+      ValueError: ``BPJAX_CONV_KERNEL_GRAD`` set to something else.
+    """
+    pinned = os.environ.get(KERNEL_GRAD_ENV, "auto").strip().lower() or "auto"
+    if pinned in KERNEL_GRAD_METHODS:
+        return pinned
+    if pinned != "auto":
+        raise ValueError(
+            f"{KERNEL_GRAD_ENV}: expected one of {', '.join(KERNEL_GRAD_METHODS)} or auto, got "
+            f"{pinned!r}."
+        )
+    batch, height, width, c_in = x_shape
+    (kh, kw), (sh, sw) = window, strides
+    (top, bottom), (left, right) = pads
+    positions = ((height + top + bottom - kh) // sh + 1) * ((width + left + right - kw) // sw + 1)
+    flops = 2 * batch * positions * kh * kw * c_in * features
+    if flops < MEASURE_FLOPS or jax.default_backend() != "cpu":
+        return "conv"
+    return _measured_method(tuple(x_shape), features, window, strides, pads, jnp.dtype(dtype).name)
+
+
+def _by_conv(
+    x: Array, delta: Array, window: tuple[int, int], strides: tuple[int, int], pads: Pads,
+    precision: Any = None,
+) -> Array:  # fmt: skip
+    (kh, kw), (sh, sw) = window, strides
+    (top, bottom), (left, right) = pads
+    rest_h = (x.shape[1] + top + bottom - kh) % sh  # rows no window reached
+    rest_w = (x.shape[2] + left + right - kw) % sw
+    return lax.conv_general_dilated(
+        x,
+        delta,
+        (1, 1),
+        ((top, bottom - rest_h), (left, right - rest_w)),
+        rhs_dilation=(sh, sw),
+        dimension_numbers=_CHWN_IHWO,
+        precision=precision,
+    )
+
+
+def _by_taps(
+    x: Array, delta: Array, window: tuple[int, int], strides: tuple[int, int], pads: Pads,
+    precision: Any = None,
+) -> Array:  # fmt: skip
+    d = delta.reshape(-1, delta.shape[-1])  # (B·P, features)
+    blocks = [
+        lax.dot_general(
+            tap.reshape(-1, tap.shape[-1]), d, (((0,), (0,)), ((), ())), precision=precision
+        )  # tapᵀ δ: (C_in, features)
+        for tap in conv_taps(x, window, strides, pads)
+    ]
+    return jnp.stack(blocks).reshape(*window, x.shape[-1], delta.shape[-1])
+
+
+def conv_kernel_grad(
+    x: Array,
+    delta: Array,
+    window: tuple[int, int],
+    strides: tuple[int, int],
+    pads: Pads,
+    precision: Any = None,
+) -> Array:
+    """``∂C/∂W``, HWIO ``(k_h, k_w, C_in, features)``, of ``z = x_pad ⋆_s W``.
+
+    Args:
+      x: the input, ``(batch, H, W, C_in)``.
+      delta: ``∂C/∂z``, ``(batch, H_out, W_out, features)``.
+      window, strides, pads: the convolution's, pads resolved (``((top, bottom), (left,
+        right))``).
+      precision: passed to the dots or the convolution.
+
+    The method is :func:`kernel_grad_method`'s; both give the same sums in different orders.
+    """
+    method = kernel_grad_method(x.shape, delta.shape[-1], window, strides, pads, x.dtype)
+    if method == "conv":
+        return _by_conv(x, delta, window, strides, pads, precision)
+    # the measurement was on CPU; a program lowered for another platform convolves
+    return lax.platform_dependent(
+        x,
+        delta,
+        cpu=lambda x, d: _by_taps(x, d, window, strides, pads, precision),
+        default=lambda x, d: _by_conv(x, d, window, strides, pads, precision),
+    )
+
+
+@functools.cache
+def _measured_method(
+    x_shape: tuple[int, ...],
+    features: int,
+    window: tuple[int, int],
+    strides: tuple[int, int],
+    pads: Pads,
+    dtype: str,
+) -> str:
+    """``taps`` if it is faster by :data:`_MARGIN` in the median of interleaved paired timings
+    of both compiled kernel gradients, else ``conv``."""
+    # Inside a caller's trace jnp ops would be staged into its program: evaluate them now.
+    with jax.ensure_compile_time_eval():
+        x = jnp.full(x_shape, 0.25, dtype)
+        (kh, kw), (sh, sw) = window, strides
+        (top, bottom), (left, right) = pads
+        h_out = (x_shape[1] + top + bottom - kh) // sh + 1
+        w_out = (x_shape[2] + left + right - kw) // sw + 1
+        delta = jnp.full((x_shape[0], h_out, w_out, features), 0.5, dtype)
+        fns = [
+            jax.jit(lambda x, d, f=f: f(x, d, window, strides, pads)) for f in (_by_taps, _by_conv)
+        ]
+        ratio = paired_ratio(fns[0], fns[1], (x, delta))
+    return "taps" if ratio < _MARGIN else "conv"
