@@ -17,7 +17,13 @@ import pytest
 from jax import lax
 
 import bpjax as bp
-from bpjax.layers import KERNEL_GRAD_ENV, Conv2D, _conv_method, kernel_grad_method
+from bpjax.layers import (
+    KERNEL_GRAD_ENV,
+    Conv2D,
+    _conv_method,
+    conv_kernel_grad,
+    kernel_grad_method,
+)
 from bpjax.layers._init import check_padding, resolve_pads
 
 RTOL = 1e-10
@@ -106,3 +112,25 @@ def test_a_network_traces_with_a_measured_method_under_jit_and_vmap(monkeypatch)
     assert _conv_method._measured_method.cache_info().misses > misses  # measured in the trace
     assert grads[0]["W"].shape == (2, 3, 3, 5, 8)
     assert bool(jnp.all(jnp.isfinite(grads[0]["W"])))
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "delta_shape", "name"),
+    [
+        ((2, 6, 6), (2, 6, 6, 4), "x"),  # no channel axis
+        ((2, 6, 6, 3), (2, 6, 6), "delta"),  # no feature axis
+        ((2, 6, 6, 3), (3, 6, 6, 4), "delta"),  # another batch
+        ((2, 6, 6, 3), (2, 5, 6, 4), "delta"),  # positions of another convolution
+    ],
+)
+@pytest.mark.parametrize("jit", [False, True])
+def test_shapes_that_do_not_fit_are_named(x_shape, delta_shape, name, jit):
+    window, strides, pads = (3, 3), (1, 1), ((1, 1), (1, 1))
+
+    def kernel_grad(x, delta):
+        return conv_kernel_grad(x, delta, window, strides, pads)
+
+    with pytest.raises(ValueError, match=f"^{name}: expected"):
+        (jax.jit(kernel_grad) if jit else kernel_grad)(jnp.ones(x_shape), jnp.ones(delta_shape))
+    with pytest.raises(ValueError, match="x_shape: expected NHWC"):
+        kernel_grad_method((2, 6, 6), 4, window, strides, pads, jnp.float32)

@@ -70,7 +70,7 @@ def kernel_grad_method(
     once.
 
     Raises:
-      ValueError: ``BPJAX_CONV_KERNEL_GRAD`` set to something else.
+      ValueError: ``BPJAX_CONV_KERNEL_GRAD`` set to something else, or ``x_shape`` not 4-D.
     """
     pinned = os.environ.get(KERNEL_GRAD_ENV, "auto").strip().lower() or "auto"
     if pinned in KERNEL_GRAD_METHODS:
@@ -80,11 +80,10 @@ def kernel_grad_method(
             f"{KERNEL_GRAD_ENV}: expected one of {', '.join(KERNEL_GRAD_METHODS)} or auto, got "
             f"{pinned!r}."
         )
-    batch, height, width, c_in = x_shape
-    (kh, kw), (sh, sw) = window, strides
-    (top, bottom), (left, right) = pads
-    positions = ((height + top + bottom - kh) // sh + 1) * ((width + left + right - kw) // sw + 1)
-    flops = 2 * batch * positions * kh * kw * c_in * features
+    if len(x_shape) != 4:
+        raise ValueError(f"x_shape: expected NHWC (batch, H, W, C_in), got {tuple(x_shape)}.")
+    h_out, w_out = _out_positions(x_shape, window, strides, pads)
+    flops = 2 * x_shape[0] * h_out * w_out * window[0] * window[1] * x_shape[3] * features
     if flops < MEASURE_FLOPS or jax.default_backend() != "cpu":
         return "conv"
     return _measured_method(tuple(x_shape), features, window, strides, pads, jnp.dtype(dtype).name)
@@ -123,6 +122,31 @@ def _by_taps(
     return jnp.stack(blocks).reshape(*window, x.shape[-1], delta.shape[-1])
 
 
+def _out_positions(
+    x_shape: tuple[int, ...], window: tuple[int, int], strides: tuple[int, int], pads: Pads
+) -> tuple[int, int]:
+    (kh, kw), (sh, sw) = window, strides
+    (top, bottom), (left, right) = pads
+    return (
+        (x_shape[1] + top + bottom - kh) // sh + 1,
+        (x_shape[2] + left + right - kw) // sw + 1,
+    )
+
+
+def _check_shapes(
+    x: Array, delta: Array, window: tuple[int, int], strides: tuple[int, int], pads: Pads
+) -> None:
+    if jnp.ndim(x) != 4:
+        raise ValueError(f"x: expected NHWC (batch, H, W, C_in), got shape {jnp.shape(x)}.")
+    want = (x.shape[0], *_out_positions(x.shape, window, strides, pads))
+    if jnp.ndim(delta) != 4 or tuple(delta.shape[:3]) != want:
+        raise ValueError(
+            f"delta: expected ({want[0]}, {want[1]}, {want[2]}, features) for x of shape "
+            f"{tuple(x.shape)} (window {window}, strides {strides}, pads {pads}), got shape "
+            f"{jnp.shape(delta)}."
+        )
+
+
 def conv_kernel_grad(
     x: Array,
     delta: Array,
@@ -141,7 +165,12 @@ def conv_kernel_grad(
       precision: passed to the dots or the convolution.
 
     The method is :func:`kernel_grad_method`'s; both give the same sums in different orders.
+
+    Raises:
+      ValueError: ``x`` or ``delta`` not 4-D, or ``delta``'s batch and positions not those of
+        the convolution of ``x``.
     """
+    _check_shapes(x, delta, window, strides, pads)
     method = kernel_grad_method(x.shape, delta.shape[-1], window, strides, pads, x.dtype)
     if method == "conv":
         return _by_conv(x, delta, window, strides, pads, precision)
@@ -168,10 +197,7 @@ def _measured_method(
     # Inside a caller's trace jnp ops would be staged into its program: evaluate them now.
     with jax.ensure_compile_time_eval():
         x = jnp.full(x_shape, 0.25, dtype)
-        (kh, kw), (sh, sw) = window, strides
-        (top, bottom), (left, right) = pads
-        h_out = (x_shape[1] + top + bottom - kh) // sh + 1
-        w_out = (x_shape[2] + left + right - kw) // sw + 1
+        h_out, w_out = _out_positions(x_shape, window, strides, pads)
         delta = jnp.full((x_shape[0], h_out, w_out, features), 0.5, dtype)
         fns = [
             jax.jit(lambda x, d, f=f: f(x, d, window, strides, pads)) for f in (_by_taps, _by_conv)
