@@ -18,6 +18,8 @@ Cases:
 * ``cnn-digits``: Conv(8, 3×3, relu) → MaxPool 2 → Conv(16, 3×3, relu) → MaxPool 2 → Flatten →
   Dense(10, softmax) on 8×8×1 images (the digits network of the tests), batch 256;
 * ``cnn-28``: the same shape of network with 32 and 64 channels on 28×28×1 images, batch 128;
+* ``cnn-32x3``: the same with 32×32×3 images, batch 128: ``bench_extend.py``'s CNN, whose
+  forward time is the floor under every per-example quantity of it;
 * ``elman-100``: Elman(128, tanh) over T = 100 steps of 32 features, the last step to
   Dense(10, softmax), batch 64;
 * ``lstm-100``: the same with an LSTM(128).
@@ -72,7 +74,7 @@ class Case(NamedTuple):
     description: str
 
 
-def _cnn(channels: tuple[int, int], size: int) -> Any:
+def _cnn(channels: tuple[int, int], size: int, in_channels: int = 1) -> Any:
     c1, c2 = channels
     return bp.serial(
         Conv2D(c1, 3, padding="SAME", activation="relu"),
@@ -82,7 +84,7 @@ def _cnn(channels: tuple[int, int], size: int) -> Any:
         Flatten(),
         Dense(10, "softmax"),
         loss="cross_entropy",
-        input_shape=(size, size, 1),
+        input_shape=(size, size, in_channels),
     )
 
 
@@ -102,6 +104,13 @@ CASES: dict[str, Case] = {
         (28, 28, 1),
         128,
         "Conv32-Pool-Conv64-Pool-Dense, 28×28",
+    ),
+    "cnn-32x3": Case(  # bench_extend's CNN: its per-example quantities' floor is this forward
+        "cnn-32x3",
+        lambda: _cnn((32, 64), 32, 3),
+        (32, 32, 3),
+        128,
+        "Conv32-Pool-Conv64-Pool-Dense, 32×32×3",
     ),
     "elman-100": Case(
         "elman-100", lambda: _rnn(Elman(128), 100, 32), (100, 32), 64, "Elman(128), T=100"

@@ -39,12 +39,13 @@ identity + squared_error   ``I`` (the loss is ``½‖y − z‖²``)   ``I``
 (it sends ``1`` to 0), and the quantities that send the columns down the recursion
 (:func:`diag_ggn`, :func:`batch_diag_ggn`, :func:`kfac_factors`, :func:`diag_hessian`) take the
 factor with ``n_L − 1`` columns, rotated off its null direction ``√p`` by a Householder reflection
-(``loss_hessian_factor(..., minimal=True)``): the same ``S Sᵀ``, one column fewer. Every other (output activation, loss)
-pair takes the general route: ``H_n`` by ``jax.hessian`` of the per-example loss as a function of
-``z^L_n``, then its eigendecomposition ``H_n = Q Λ Qᵀ``, ``S_n = Q |Λ|^{1/2}``,
-``D_n = sign(Λ)``. There ``H_n`` (and so the GGN) may be indefinite, e.g. a tanh output under
-squared error; the formulas stay exact. :func:`diag_ggn_mc` samples targets from the model's
-predictive distribution and so needs a canonical pair (a likelihood); it raises otherwise.
+(``loss_hessian_factor(..., minimal=True)``): the same ``S Sᵀ``, one column fewer. Every other
+(output activation, loss) pair takes the general route: ``H_n`` by ``jax.hessian`` of the
+per-example loss as a function of ``z^L_n``, then its eigendecomposition ``H_n = Q Λ Qᵀ``,
+``S_n = Q |Λ|^{1/2}``, ``D_n = sign(Λ)``. There ``H_n`` (and so the GGN) may be indefinite, e.g. a
+tanh output under squared error; the formulas stay exact. :func:`diag_ggn_mc` samples targets
+from the model's predictive distribution and so needs a canonical pair (a likelihood); it raises
+otherwise.
 
 The exact diagonal Hessian, :func:`diag_hessian` (and each example's share,
 :func:`batch_diag_hessian`), adds what the GGN drops: at every hidden activation the curvature
