@@ -530,11 +530,35 @@ def test_minimal_softmax_factor_has_one_column_fewer_and_the_same_hessian(x64, t
 def test_minimal_softmax_factor_keeps_the_poison_and_one_class(x64):
     net = bp.serial(bp.layers.Dense(3, "softmax"), loss="cross_entropy", input_shape=(2,))
     z = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3)))
-    factor = bx.loss_hessian_factor(net, z, jnp.asarray([0, 7, 2]), minimal=True)[0]
-    assert factor.shape == (3, 3, 2)
+    labels = jnp.asarray([0, 7, 2])
+    with pytest.raises(ValueError, match=r"y: .*7"):  # concrete: refused, as net.loss refuses it
+        bx.loss_hessian_factor(net, z, labels, minimal=True)
+    factor = jax.jit(lambda z, y: bx.loss_hessian_factor(net, z, y, minimal=True)[0])(z, labels)
+    assert factor.shape == (3, 3, 2)  # traced: the example's rows are NaN
     np.testing.assert_array_equal(np.isnan(factor).all(axis=(1, 2)), [False, True, False])
     # one class: H = 0 has rank 0, and the factor keeps its one (zero) column
     net1 = bp.serial(bp.layers.Dense(1, "softmax"), loss="cross_entropy", input_shape=(2,))
     one = bx.loss_hessian_factor(net1, z[:, :1], jnp.zeros(3, int), minimal=True)[0]
     assert one.shape == (3, 1, 1)
     np.testing.assert_array_equal(one, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("z_shape", "y", "error", "match"),
+    [
+        ((5, 3), np.zeros(5, int), ValueError, r"^z: expected .*\(batch, \.\.\., 4\)"),
+        ((4,), np.zeros(1, int), ValueError, "^z: expected"),
+        ((5, 4), np.zeros(3, int), ValueError, r"^y: .*\(5,\)"),
+        ((5, 4), np.full((5, 3), 0.25), ValueError, r"^y: .*\(5, 4\)"),
+        ((5, 4), np.zeros(5), TypeError, "^y: cross_entropy takes integer class labels"),
+        ((2, 3, 4), np.zeros((2, 3), int), ValueError, r"^y: .*\(6,\)"),  # rows, not (B, T)
+    ],
+)
+@pytest.mark.parametrize("maybe_jit", [jax.jit, lambda f: f], ids=["jit", "nojit"])
+def test_loss_hessian_factor_names_z_and_y_that_do_not_fit(z_shape, y, error, match, maybe_jit):
+    seq = len(z_shape) == 3
+    net = bp.serial(
+        bp.layers.Dense(4, "softmax"), loss="cross_entropy", input_shape=(3, 2) if seq else (2,)
+    )
+    with pytest.raises(error, match=match):
+        maybe_jit(lambda z, y: bx.loss_hessian_factor(net, z, y))(jnp.ones(z_shape), y)

@@ -134,3 +134,68 @@ def test_shapes_that_do_not_fit_are_named(x_shape, delta_shape, name, jit):
         (jax.jit(kernel_grad) if jit else kernel_grad)(jnp.ones(x_shape), jnp.ones(delta_shape))
     with pytest.raises(ValueError, match="x_shape: expected NHWC"):
         kernel_grad_method((2, 6, 6), 4, window, strides, pads, jnp.float32)
+
+
+@pytest.mark.parametrize(
+    ("window", "strides", "pads", "match"),
+    [
+        ((3.0, 3.0), (1, 1), ((1, 1), (1, 1)), "^window: expected"),
+        ((0, 0), (1, 1), ((0, 0), (0, 0)), "^window: expected"),
+        ((3, 3), (0, 0), ((1, 1), (1, 1)), "^strides: expected"),
+        ((3, 3), (1, 1), "SAME", "^pads: expected resolved pads"),
+        ((3, 3), (1, 1), ((-1, 1), (1, 1)), "^pads: expected resolved pads"),
+        ((7, 7), (1, 1), ((0, 0), (0, 0)), "^x: the 7×7 window of conv_kernel_grad does not fit"),
+    ],
+)
+@pytest.mark.parametrize("method", ["conv", "taps"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_geometry_that_does_not_fit_is_named(
+    monkeypatch, window, strides, pads, match, method, jit
+):
+    monkeypatch.setenv(KERNEL_GRAD_ENV, method)
+
+    def kernel_grad(x, delta):
+        return conv_kernel_grad(x, delta, window, strides, pads)
+
+    with pytest.raises(ValueError, match=match):
+        (jax.jit(kernel_grad) if jit else kernel_grad)(
+            jnp.ones((2, 6, 6, 3)), jnp.ones((2, 6, 6, 5))
+        )
+    if not match.startswith("^x"):  # the method's own arguments, pinned or not
+        with pytest.raises(ValueError, match=match):
+            kernel_grad_method((2, 6, 6, 3), 5, window, strides, pads, jnp.float32)
+
+
+@pytest.mark.parametrize(
+    ("x_dtype", "delta_dtype", "match"),
+    [
+        (jnp.float32, jnp.float16, "^delta: expected x's dtype float32, got float16"),
+        (jnp.int32, jnp.int32, "^x: expected a floating-point array, got int32"),
+    ],
+)
+@pytest.mark.parametrize("method", ["conv", "taps"])
+def test_dtypes_that_do_not_fit_are_named(monkeypatch, x_dtype, delta_dtype, match, method):
+    monkeypatch.setenv(KERNEL_GRAD_ENV, method)
+    window, strides, pads = (3, 3), (1, 1), ((1, 1), (1, 1))
+    x, delta = jnp.ones((2, 6, 6, 3), x_dtype), jnp.ones((2, 6, 6, 5), delta_dtype)
+    for wrap in (lambda f: f, jax.jit):
+        with pytest.raises(TypeError, match=match):
+            wrap(lambda x, d: conv_kernel_grad(x, d, window, strides, pads))(x, delta)
+
+
+def test_the_measurement_runs_under_a_callers_transfer_guard(monkeypatch):
+    # measuring builds its own inputs inside the caller's trace: a disallowing guard is the
+    # caller's rule for its own arrays, not for the measurement's
+    monkeypatch.delenv(KERNEL_GRAD_ENV, raising=False)
+    net = bp.serial(
+        Conv2D(8, 3, padding="SAME", activation="relu"), bp.layers.Flatten(),
+        bp.layers.Dense(3, "softmax"), loss="cross_entropy", input_shape=(12, 12, 6),
+    )  # fmt: skip
+    params = net.init(jax.random.key(0))
+    x = jnp.ones((36, 12, 12, 6))  # a shape no other test measured
+    y = jnp.zeros(36, jnp.int32)
+    misses = _conv_method._measured_method.cache_info().misses
+    with jax.transfer_guard("disallow"):
+        loss, _ = jax.jit(net.value_and_grad)(params, x, y)
+    assert _conv_method._measured_method.cache_info().misses > misses
+    assert bool(jnp.isfinite(loss))

@@ -102,3 +102,15 @@ def test_weight_grad_names_its_arguments_on_bad_shapes(delta_shape, a_shape, jit
     fn = jax.jit(weight_grad) if jit else weight_grad
     with pytest.raises(ValueError, match=r"weight_grad: expected delta \(B, n_l\) and a_prev"):
         fn(jnp.ones(delta_shape), jnp.ones(a_shape))
+
+
+def test_the_measurement_runs_under_a_callers_transfer_guard(monkeypatch):
+    # measuring builds its own inputs inside the caller's trace: a disallowing guard is the
+    # caller's rule for its own arrays, not for the measurement's
+    monkeypatch.delenv(LAYOUT_ENV, raising=False)
+    delta, a = jnp.ones((40, 1024)), jnp.ones((40, 768))  # a shape no other test measured
+    misses = _layout._measured_layout.cache_info().misses
+    with jax.transfer_guard("disallow"):
+        grad = jax.jit(weight_grad)(delta, a)
+    assert _layout._measured_layout.cache_info().misses > misses
+    assert grad.shape == (1024, 768)

@@ -9,6 +9,7 @@ hand-written backward and :func:`levenberg_marquardt_step` solves the damped Gau
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -119,8 +120,22 @@ def loss_hessian_factor(
     Returns:
       ``(S, signs)``: ``S`` of shape ``(batch, ..., n_L, k)`` and ``signs`` of shape
       ``(batch, k)`` with the ±1 of ``D_n``, or ``None`` when ``D_n = I`` (the canonical pairs).
+
+    Raises:
+      ValueError, TypeError: ``z`` not ``(batch, ..., n_L)`` for the network's ``n_L``, or ``y``
+        not one target per row of ``z`` as the loss takes them (concrete labels out of range
+        included; traced ones make their rows NaN).
     """
     check_net(net)
+    n_out = net.output_shape[-1]
+    if jnp.ndim(z) < 2 or jnp.shape(z)[-1] != n_out:
+        raise ValueError(
+            f"z: expected the network's output variable, (batch, ..., {n_out}), got shape "
+            f"{jnp.shape(z)}."
+        )
+    rows = math.prod(jnp.shape(z)[:-1])
+    if net.objective.targets is not None:  # one row per output position, as check_targets gives
+        y = net.objective.targets(y, rows, n_out, jnp.result_type(z))
     factor, signs = _row_factor(net, z.reshape(-1, z.shape[-1]), y, minimal=minimal)
     return block_diagonal_factor(factor, signs, z.shape, mean=True)
 

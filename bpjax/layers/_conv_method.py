@@ -32,8 +32,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bpjax._types import Array
-from bpjax.layers._init import Pads, conv_taps
+from bpjax._types import Array, is_int
+from bpjax.layers._init import (
+    Pads,
+    check_padding,
+    check_pair,
+    conv_taps,
+    out_spatial,
+    positive_int,
+)
 from bpjax.layers._layout import MEASURE_FLOPS, paired_ratio
 
 __all__ = [
@@ -70,8 +77,14 @@ def kernel_grad_method(
     once.
 
     Raises:
-      ValueError: ``BPJAX_CONV_KERNEL_GRAD`` set to something else, or ``x_shape`` not 4-D.
+      ValueError: ``BPJAX_CONV_KERNEL_GRAD`` set to something else; ``x_shape`` not 4-D sizes,
+        ``features`` not a positive integer, or the geometry as :func:`conv_kernel_grad` says.
     """
+    window, strides, pads = _checked_geometry(window, strides, pads)
+    if len(x_shape) != 4 or not all(is_int(n) and n >= 0 for n in x_shape):
+        raise ValueError(f"x_shape: expected NHWC (batch, H, W, C_in), got {tuple(x_shape)}.")
+    features = positive_int(features, "features")
+    x_shape = tuple(int(n) for n in x_shape)
     pinned = os.environ.get(KERNEL_GRAD_ENV, "auto").strip().lower() or "auto"
     if pinned in KERNEL_GRAD_METHODS:
         return pinned
@@ -80,8 +93,6 @@ def kernel_grad_method(
             f"{KERNEL_GRAD_ENV}: expected one of {', '.join(KERNEL_GRAD_METHODS)} or auto, got "
             f"{pinned!r}."
         )
-    if len(x_shape) != 4:
-        raise ValueError(f"x_shape: expected NHWC (batch, H, W, C_in), got {tuple(x_shape)}.")
     h_out, w_out = _out_positions(x_shape, window, strides, pads)
     flops = 2 * x_shape[0] * h_out * w_out * window[0] * window[1] * x_shape[3] * features
     if flops < MEASURE_FLOPS or jax.default_backend() != "cpu":
@@ -133,15 +144,42 @@ def _out_positions(
     )
 
 
-def _check_shapes(
+def _checked_geometry(
+    window: Any, strides: Any, pads: Any
+) -> tuple[tuple[int, int], tuple[int, int], Pads]:
+    """``window`` and ``strides`` as positive pairs, ``pads`` as ``((top, bottom), (left,
+    right))`` of non-negative integers."""
+    window = check_pair("window", window)
+    strides = check_pair("strides", strides)
+    try:
+        checked = check_padding(pads)
+    except ValueError:
+        checked = "invalid"
+    if isinstance(checked, str):  # "SAME"/"VALID" are not resolved pads
+        raise ValueError(
+            "pads: expected resolved pads ((top, bottom), (left, right)) of non-negative "
+            f"integers, got {pads!r}."
+        )
+    return window, strides, checked
+
+
+def _check_arrays(
     x: Array, delta: Array, window: tuple[int, int], strides: tuple[int, int], pads: Pads
 ) -> None:
     if jnp.ndim(x) != 4:
         raise ValueError(f"x: expected NHWC (batch, H, W, C_in), got shape {jnp.shape(x)}.")
-    want = (x.shape[0], *_out_positions(x.shape, window, strides, pads))
-    if jnp.ndim(delta) != 4 or tuple(delta.shape[:3]) != want:
+    for name, a in (("x", x), ("delta", delta)):
+        if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
+            raise TypeError(f"{name}: expected a floating-point array, got {jnp.result_type(a)}.")
+    if jnp.result_type(delta) != jnp.result_type(x):
+        raise TypeError(
+            f"delta: expected x's dtype {jnp.result_type(x)}, got {jnp.result_type(delta)}."
+        )
+    _, (h_out, w_out) = out_spatial("conv_kernel_grad", x.shape[1:], window, strides, pads, arg="x")
+    want = (x.shape[0], h_out, w_out)
+    if jnp.ndim(delta) != 4 or tuple(delta.shape[:3]) != want or delta.shape[3] < 1:
         raise ValueError(
-            f"delta: expected ({want[0]}, {want[1]}, {want[2]}, features) for x of shape "
+            f"delta: expected ({want[0]}, {want[1]}, {want[2]}, features ≥ 1) for x of shape "
             f"{tuple(x.shape)} (window {window}, strides {strides}, pads {pads}), got shape "
             f"{jnp.shape(delta)}."
         )
@@ -167,10 +205,13 @@ def conv_kernel_grad(
     The method is :func:`kernel_grad_method`'s; both give the same sums in different orders.
 
     Raises:
-      ValueError: ``x`` or ``delta`` not 4-D, or ``delta``'s batch and positions not those of
-        the convolution of ``x``.
+      ValueError: ``window`` or ``strides`` not positive integers (or pairs), ``pads`` not
+        resolved non-negative pads, the window not fitting ``x``, ``x`` or ``delta`` not 4-D,
+        or ``delta``'s batch and positions not those of the convolution of ``x``.
+      TypeError: ``x`` or ``delta`` not floating point, or of different dtypes.
     """
-    _check_shapes(x, delta, window, strides, pads)
+    window, strides, pads = _checked_geometry(window, strides, pads)
+    _check_arrays(x, delta, window, strides, pads)
     method = kernel_grad_method(x.shape, delta.shape[-1], window, strides, pads, x.dtype)
     if method == "conv":
         return _by_conv(x, delta, window, strides, pads, precision)
@@ -194,8 +235,9 @@ def _measured_method(
 ) -> str:
     """``taps`` if it is faster by :data:`_MARGIN` in the median of interleaved paired timings
     of both compiled kernel gradients, else ``conv``."""
-    # Inside a caller's trace jnp ops would be staged into its program: evaluate them now.
-    with jax.ensure_compile_time_eval():
+    # Inside a caller's trace jnp ops would be staged into its program: evaluate them now. The
+    # caller may forbid transfers (jax.transfer_guard); this program's own inputs are ours.
+    with jax.ensure_compile_time_eval(), jax.transfer_guard("allow"):
         x = jnp.full(x_shape, 0.25, dtype)
         h_out, w_out = _out_positions(x_shape, window, strides, pads)
         delta = jnp.full((x_shape[0], h_out, w_out, features), 0.5, dtype)

@@ -146,8 +146,9 @@ def _measured_layout(batch: int, n_out: int, n_in: int, dtype: str) -> str:
     both compiled loops of backward steps (:func:`_repeated`), else ``materialise``."""
     # two dots of 2·B·n_l·n_{l-1} FLOPs per step
     repeats = int(min(_MAX_REPEATS, max(1, _FLOPS_PER_CALL // (4 * batch * n_out * n_in))))
-    # Inside a caller's trace jnp ops would be staged into its program: evaluate them now.
-    with jax.ensure_compile_time_eval():
+    # Inside a caller's trace jnp ops would be staged into its program: evaluate them now. The
+    # caller may forbid transfers (jax.transfer_guard); this program's own inputs are ours.
+    with jax.ensure_compile_time_eval(), jax.transfer_guard("allow"):
         args = (
             jnp.full((batch, n_out), 0.5, dtype),  # g
             jnp.full((batch, n_out), 0.3, dtype),  # z
