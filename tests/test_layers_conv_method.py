@@ -25,20 +25,20 @@ from bpjax.layers import (
     kernel_grad_method,
 )
 from bpjax.layers._init import check_padding, resolve_pads
+from tests.test_layers_conv_paths import CONV_CASES
 
 RTOL = 1e-10
 # (B, H, W, C_in), features, window, strides, pads: 2·B·P·k_h·k_w·C_in·features ≈ 2^22.8 ≥
 # MEASURE_FLOPS, measured in auto
 BIG = ((16, 16, 16, 3), 32, (3, 3), (1, 1), ((1, 1), (1, 1)))
 
-CASES = {  # (kernel, strides, padding, input shape), as tests/test_layers_conv_paths.py's
-    "same-3x3": ((3, 3), (1, 1), "SAME", (2, 7, 6, 3)),
-    "valid-strided": ((3, 2), (2, 1), "VALID", (2, 7, 6, 3)),
-    "same-stride2-odd": ((3, 3), (2, 2), "SAME", (2, 7, 5, 2)),
-    "explicit-pads": ((2, 3), (1, 2), ((1, 0), (2, 1)), (3, 5, 6, 2)),
-    "1x1": ((1, 1), (1, 1), "VALID", (2, 4, 3, 3)),
-    "one-position": ((3, 3), (1, 1), "VALID", (2, 3, 3, 2)),
-}
+
+def _conv_net(in_channels: int) -> bp.Serial:
+    """Conv2D(8, 3×3) → Flatten → Dense(3) on 12×12 images of ``in_channels`` channels."""
+    return bp.serial(
+        Conv2D(8, 3, padding="SAME", activation="relu"), bp.layers.Flatten(),
+        bp.layers.Dense(3, "softmax"), loss="cross_entropy", input_shape=(12, 12, in_channels),
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("method", ["conv", "taps", " TAPS "])
@@ -79,7 +79,7 @@ def _vjp_kernel_grad(layer: Conv2D, w, x, delta):
 
 
 @pytest.mark.parametrize("method", ["conv", "taps"])
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("case", CONV_CASES.values(), ids=CONV_CASES.keys())
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
 def test_both_methods_equal_the_vjp_kernel_gradient(monkeypatch, x64, method, case, jit):
     monkeypatch.setenv(KERNEL_GRAD_ENV, method)
@@ -100,10 +100,7 @@ def test_both_methods_equal_the_vjp_kernel_gradient(monkeypatch, x64, method, ca
 def test_a_network_traces_with_a_measured_method_under_jit_and_vmap(monkeypatch):
     # the measurement runs while the caller's program is being traced: it must not be staged
     monkeypatch.delenv(KERNEL_GRAD_ENV, raising=False)
-    net = bp.serial(
-        Conv2D(8, 3, padding="SAME", activation="relu"), bp.layers.Flatten(),
-        bp.layers.Dense(3, "softmax"), loss="cross_entropy", input_shape=(12, 12, 5),
-    )  # fmt: skip
+    net = _conv_net(5)
     params = net.init(jax.random.key(0))
     x = jnp.ones((2, 40, 12, 12, 5))  # B = 40: a shape no other test measured
     y = jnp.zeros((2, 40), jnp.int32)
@@ -187,10 +184,7 @@ def test_the_measurement_runs_under_a_callers_transfer_guard(monkeypatch):
     # measuring builds its own inputs inside the caller's trace: a disallowing guard is the
     # caller's rule for its own arrays, not for the measurement's
     monkeypatch.delenv(KERNEL_GRAD_ENV, raising=False)
-    net = bp.serial(
-        Conv2D(8, 3, padding="SAME", activation="relu"), bp.layers.Flatten(),
-        bp.layers.Dense(3, "softmax"), loss="cross_entropy", input_shape=(12, 12, 6),
-    )  # fmt: skip
+    net = _conv_net(6)
     params = net.init(jax.random.key(0))
     x = jnp.ones((36, 12, 12, 6))  # a shape no other test measured
     y = jnp.zeros(36, jnp.int32)

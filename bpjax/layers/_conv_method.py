@@ -25,7 +25,6 @@ gradients under :data:`~bpjax.layers._layout.MEASURE_FLOPS`, and every non-CPU b
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import jax
@@ -41,7 +40,7 @@ from bpjax.layers._init import (
     out_spatial,
     positive_int,
 )
-from bpjax.layers._layout import MEASURE_FLOPS, paired_ratio
+from bpjax.layers._layout import MEASURE_FLOPS, paired_ratio, pinned_choice
 
 __all__ = [
     "KERNEL_GRAD_ENV",
@@ -85,14 +84,9 @@ def kernel_grad_method(
         raise ValueError(f"x_shape: expected NHWC (batch, H, W, C_in), got {tuple(x_shape)}.")
     features = positive_int(features, "features")
     x_shape = tuple(int(n) for n in x_shape)
-    pinned = os.environ.get(KERNEL_GRAD_ENV, "auto").strip().lower() or "auto"
-    if pinned in KERNEL_GRAD_METHODS:
+    pinned = pinned_choice(KERNEL_GRAD_ENV, KERNEL_GRAD_METHODS)
+    if pinned is not None:
         return pinned
-    if pinned != "auto":
-        raise ValueError(
-            f"{KERNEL_GRAD_ENV}: expected one of {', '.join(KERNEL_GRAD_METHODS)} or auto, got "
-            f"{pinned!r}."
-        )
     h_out, w_out = _out_positions(x_shape, window, strides, pads)
     flops = 2 * x_shape[0] * h_out * w_out * window[0] * window[1] * x_shape[3] * features
     if flops < MEASURE_FLOPS or jax.default_backend() != "cpu":

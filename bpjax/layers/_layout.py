@@ -39,6 +39,7 @@ __all__ = [
     "LAYOUT_ENV",
     "MEASURE_FLOPS",
     "paired_ratio",
+    "pinned_choice",
     "weight_grad",
     "weight_grad_layout",
 ]
@@ -65,6 +66,21 @@ _ROUNDS = (5, 15)  # interleaved timed calls per layout: as many as fit _BUDGET_
 _BUDGET_S = 0.2
 
 
+def pinned_choice(env: str, choices: tuple[str, ...]) -> str | None:
+    """The choice pinned by the environment variable ``env`` (any case, spaces stripped), or
+    ``None`` where it is unset, empty or ``auto`` (measure).
+
+    Raises:
+      ValueError: ``env`` set to anything else, naming the variable and the choices.
+    """
+    pinned = os.environ.get(env, "auto").strip().lower() or "auto"
+    if pinned in choices:
+        return pinned
+    if pinned != "auto":
+        raise ValueError(f"{env}: expected one of {', '.join(choices)} or auto, got {pinned!r}.")
+    return None
+
+
 def weight_grad_layout(batch: int, n_out: int, n_in: int, dtype: Any) -> str:
     """The layout of ``δᵀ a`` for ``δ`` ``(batch, n_out)`` and ``a`` ``(batch, n_in)``.
 
@@ -75,13 +91,9 @@ def weight_grad_layout(batch: int, n_out: int, n_in: int, dtype: Any) -> str:
     Raises:
       ValueError: ``BPJAX_WEIGHT_GRAD_LAYOUT`` set to something else.
     """
-    pinned = os.environ.get(LAYOUT_ENV, "auto").strip().lower() or "auto"
-    if pinned in LAYOUTS:
+    pinned = pinned_choice(LAYOUT_ENV, LAYOUTS)
+    if pinned is not None:
         return pinned
-    if pinned != "auto":
-        raise ValueError(
-            f"{LAYOUT_ENV}: expected one of {', '.join(LAYOUTS)} or auto, got {pinned!r}."
-        )
     if 2 * batch * n_out * n_in < MEASURE_FLOPS or jax.default_backend() != "cpu":
         return "fold"
     return _measured_layout(batch, n_out, n_in, jnp.dtype(dtype).name)
