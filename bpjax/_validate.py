@@ -19,9 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bpjax import activations as _act
-from bpjax import losses as _losses
 from bpjax._types import is_int
+from bpjax.activations import ACTIVATIONS, REAL, SIMPLEX, UNIT_INTERVAL, Activation
 from bpjax.layers import (
     LSTM,
     AvgPool2D,
@@ -37,6 +36,7 @@ from bpjax.layers import (
     Residual,
     Sequential,
 )
+from bpjax.losses import Loss
 
 __all__ = [
     "PARAM_DTYPES",
@@ -122,8 +122,8 @@ def check_key(key: Any, argname: str = "key") -> None:
 def _pooled(kind: str, keeps_simplex: bool) -> str:
     """A window's max or mean of each channel: a probability vector over the channels stays one
     under the mean of whole cells only."""
-    if kind == _act.SIMPLEX and not keeps_simplex:
-        return _act.UNIT_INTERVAL
+    if kind == SIMPLEX and not keeps_simplex:
+        return UNIT_INTERVAL
     return kind
 
 
@@ -132,7 +132,7 @@ def _layer_kind(layer: Any, kind: str) -> str | None:
     if isinstance(layer, (Dense, Conv2D, Elman)):
         return layer.activation.output
     if isinstance(layer, (LSTM, LayerNorm, Embedding, Residual)):
-        return _act.REAL  # o ∘ tanh(c); a normalised, scaled and offset x; a table row; x + F(x)
+        return REAL  # o ∘ tanh(c); a normalised, scaled and offset x; a table row; x + F(x)
     if isinstance(layer, Sequential):
         return output_kind(layer.layers, kind)
     if isinstance(layer, LastStep):
@@ -143,13 +143,13 @@ def _layer_kind(layer: Any, kind: str) -> str | None:
         return _pooled(kind, keeps_simplex=not layer.count_include_pad)
     if isinstance(layer, Flatten):
         # (…, n) probability vectors flattened together no longer sum to one
-        return _act.UNIT_INTERVAL if kind == _act.SIMPLEX else kind
+        return UNIT_INTERVAL if kind == SIMPLEX else kind
     if isinstance(layer, Dropout):
-        return kind if layer.rate == 0 else _act.REAL  # kept values grow by 1/(1 − rate)
+        return kind if layer.rate == 0 else REAL  # kept values grow by 1/(1 − rate)
     return None
 
 
-def output_kind(layers: Sequence[Any], kind: str = _act.REAL) -> str | None:
+def output_kind(layers: Sequence[Any], kind: str = REAL) -> str | None:
     """What the values of ``layers``' output can be, for inputs of ``kind``.
 
     One of the :class:`bpjax.Activation` ``output`` kinds (``"real"``, ``"positive"``,
@@ -164,7 +164,7 @@ def output_kind(layers: Sequence[Any], kind: str = _act.REAL) -> str | None:
     return current
 
 
-def _last_activation(layers: Sequence[Any]) -> _act.Activation | None:
+def _last_activation(layers: Sequence[Any]) -> Activation | None:
     """The activation that makes the last output, when the last (innermost) layer has one."""
     last = layers[-1]
     if isinstance(last, Sequential):
@@ -180,7 +180,7 @@ def _layer_name(layer: Any) -> str:
     return getattr(layer, "name", "") or type(layer).__name__
 
 
-def check_output(objective: _losses.Loss, layers: Sequence[Any], argname: str) -> None:
+def check_output(objective: Loss, layers: Sequence[Any], argname: str) -> None:
     """Raises ``ValueError`` when the output of ``layers`` is not what ``objective`` is defined
     on (``argname`` names the argument in the message).
 
@@ -203,7 +203,7 @@ def check_output(objective: _losses.Loss, layers: Sequence[Any], argname: str) -
     }.get(objective.name, ("", ""))
     if act is None and partner:
         hint += f", e.g. end the network with Dense(n_out, {partner!r})"
-    elif act is not None and _act.ACTIVATIONS.get(act.name) is not act:
+    elif act is not None and ACTIVATIONS.get(act.name) is not act:
         # a user's activation states its range itself (its output defaults to real values)
         accepted = " or ".join(repr(k) for k in sorted(objective.accepts))
         hint += (

@@ -32,8 +32,15 @@ import numpy as np
 from jax.experimental import checkify
 from jax.scipy.special import xlog1py, xlogy
 
-from bpjax import activations as _act
 from bpjax._types import Array
+from bpjax.activations import (
+    SIMPLEX,
+    UNIT_INTERVAL,
+    Activation,
+    identity,
+    sigmoid,
+    softmax,
+)
 
 __all__ = [
     "LOSSES",
@@ -257,7 +264,7 @@ cross_entropy = Loss(
     "cross_entropy",
     _cross_entropy_value,
     _cross_entropy_grad,
-    accepts=frozenset({_act.SIMPLEX}),
+    accepts=frozenset({SIMPLEX}),
     targets=_cross_entropy_targets,
     labels=True,
 )
@@ -265,7 +272,7 @@ binary_cross_entropy = Loss(
     "binary_cross_entropy",
     _binary_cross_entropy_value,
     _binary_cross_entropy_grad,
-    accepts=frozenset({_act.UNIT_INTERVAL, _act.SIMPLEX}),
+    accepts=frozenset({UNIT_INTERVAL, SIMPLEX}),
     targets=_binary_cross_entropy_targets,
 )
 
@@ -346,20 +353,20 @@ def _identity_squared_error_delta(z: Array, a: Array, y: Array) -> Array:
     return z - y
 
 
-_FUSED: dict[tuple[_act.Activation, Loss], FusedOutput] = {
-    (_act.softmax, cross_entropy): FusedOutput(
+_FUSED: dict[tuple[Activation, Loss], FusedOutput] = {
+    (softmax, cross_entropy): FusedOutput(
         _softmax_cross_entropy_value, _softmax_cross_entropy_delta
     ),
-    (_act.sigmoid, binary_cross_entropy): FusedOutput(
+    (sigmoid, binary_cross_entropy): FusedOutput(
         _sigmoid_binary_cross_entropy_value, _sigmoid_binary_cross_entropy_delta
     ),
-    (_act.identity, squared_error): FusedOutput(
+    (identity, squared_error): FusedOutput(
         _identity_squared_error_value, _identity_squared_error_delta
     ),
 }
 
 
-def fused_output(activation: _act.Activation, loss: Loss) -> FusedOutput | None:
+def fused_output(activation: Activation, loss: Loss) -> FusedOutput | None:
     """The fused loss and output error of a canonical pair, or ``None`` for any other pair.
 
     Only the built-in activation and loss objects pair: a user's own ``Activation`` named

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from bpjax import activations as _act
-from bpjax import losses as _losses
 from bpjax._types import is_int
 from bpjax._validate import check_output
+from bpjax.activations import Activation, get_activation
 from bpjax.layers import Dense
+from bpjax.losses import Loss, get_loss
 from bpjax.network import Backward, Cache, Serial
 
 __all__ = ["MLP", "Backward", "Cache"]
@@ -82,8 +82,8 @@ class MLP(Serial):
     def __init__(
         self,
         sizes: Sequence[int],
-        activations: Sequence[str | _act.Activation],
-        loss: str | _losses.Loss,
+        activations: Sequence[str | Activation],
+        loss: str | Loss,
         *,
         fuse_output: bool = True,
     ) -> None:
@@ -93,13 +93,13 @@ class MLP(Serial):
                 f"activations: expected a sequence of {len(sizes_t) - 1} activations (one per "
                 f"layer), got {type(activations).__name__}: {activations!r}."
             )
-        if isinstance(activations, (str, _act.Activation)):
+        if isinstance(activations, (str, Activation)):
             raise TypeError(
                 f"activations: expected a sequence of {len(sizes_t) - 1} activations (one per "
                 f"layer), got a single {activations!r}; write activations=({activations!r},)."
             )
         acts = tuple(
-            _act.get_activation(a, argname=f"activations[{i}]") for i, a in enumerate(activations)
+            get_activation(a, argname=f"activations[{i}]") for i, a in enumerate(activations)
         )
         if len(acts) != len(sizes_t) - 1:
             raise ValueError(
@@ -112,7 +112,7 @@ class MLP(Serial):
                 layers.append(Dense(n_out, act))
             except ValueError as err:  # name the argument as this signature spells it
                 raise ValueError(f"activations[{i}]: " + str(err).partition(": ")[2]) from None
-        objective = _losses.get_loss(loss)
+        objective = get_loss(loss)
         check_output(objective, layers, "activations[-1]")
         object.__setattr__(self, "layers", tuple(layers))
         object.__setattr__(self, "objective", objective)
@@ -133,7 +133,7 @@ class MLP(Serial):
         return (self.input_shape[0], *(layer.n_out for layer in self.layers))
 
     @property
-    def activations(self) -> tuple[_act.Activation, ...]:
+    def activations(self) -> tuple[Activation, ...]:
         """The ``L`` activations, one per layer; the last is the output's."""
         return tuple(layer.activation for layer in self.layers)
 

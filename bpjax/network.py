@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bpjax import losses as _losses
+from bpjax import losses
 from bpjax._types import Array, Grads, PRNGKey
 from bpjax._validate import check_key, check_output, describe, param_dtype
 from bpjax._validate import input_shape as checked_input_shape
@@ -119,7 +119,7 @@ class Serial:
     """
 
     layers: tuple[Any, ...]
-    objective: _losses.Loss
+    objective: losses.Loss
     input_shape: tuple[int, ...]
     fuse_output: bool = True
 
@@ -128,12 +128,12 @@ class Serial:
     _per_layer: ClassVar[str] = "one per layer"
 
     @property
-    def fused(self) -> _losses.FusedOutput | None:
+    def fused(self) -> losses.FusedOutput | None:
         """The fused output pair in use (a last Dense layer with a canonical loss), or ``None``."""
         last = self.layers[-1]
         if not self.fuse_output or not isinstance(last, Dense):
             return None
-        return _losses.fused_output(last.activation, self.objective)
+        return losses.fused_output(last.activation, self.objective)
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -436,7 +436,7 @@ class Serial:
             y = np.asarray(y)
         if not self.objective.labels or not jnp.issubdtype(jnp.result_type(y), jnp.integer):
             return y
-        _losses.check_labels(y, self.output_shape[-1], loss=self.objective.name)
+        losses.check_labels(y, self.output_shape[-1], loss=self.objective.name)
         return y
 
     def _last_z(self, cache: Cache) -> Array:
@@ -528,7 +528,7 @@ def serial(
 @overload
 def serial(
     *layers: Any,
-    loss: str | _losses.Loss,
+    loss: str | losses.Loss,
     input_shape: Sequence[int],
     fuse_output: bool = True,
 ) -> Serial: ...
@@ -536,7 +536,7 @@ def serial(
 
 def serial(
     *layers: Any,
-    loss: str | _losses.Loss | None = None,
+    loss: str | losses.Loss | None = None,
     input_shape: Sequence[int] | None = None,
     fuse_output: bool = True,
 ) -> Serial | Sequential:
@@ -590,6 +590,6 @@ def serial(
     if input_shape is None:
         raise ValueError("input_shape: a network needs one example's shape, e.g. (n_0,).")
     shape = checked_input_shape(input_shape)
-    objective = _losses.get_loss(loss)
+    objective = losses.get_loss(loss)
     check_output(objective, layers, "layers[-1]")
     return Serial(tuple(layers), objective, shape, bool(fuse_output))

@@ -42,8 +42,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bpjax import activations as _act
 from bpjax._types import Array, Grads, Params
+from bpjax.activations import ACTIVATIONS, Activation, identity, leaky_relu, relu
 from bpjax.extend import rules
 from bpjax.extend.passes import (
     block_diagonal_factor,
@@ -60,10 +60,10 @@ __all__ = ["batch_diag_hessian", "check_hessian_net", "diag_hessian"]
 
 _WEIGHTED = (Dense, Conv2D)
 _PIECEWISE_LINEAR = (Flatten, MaxPool2D, AvgPool2D, Dropout)
-_ELEMENTWISE = tuple(act for name, act in _act.ACTIVATIONS.items() if name != "softmax")
+_ELEMENTWISE = tuple(act for name, act in ACTIVATIONS.items() if name != "softmax")
 # f'' = 0 wherever f is differentiable (everywhere but the kink, which jax.hessian also reads as
 # 0): no residual columns, so a ReLU network's diag_hessian costs what its diag_ggn does.
-_PIECEWISE_LINEAR_ACTIVATIONS = (_act.identity, _act.relu, _act.leaky_relu)
+_PIECEWISE_LINEAR_ACTIVATIONS = (identity, relu, leaky_relu)
 
 
 def check_hessian_net(net: Any) -> tuple[Any, ...]:
@@ -94,7 +94,7 @@ def check_hessian_net(net: Any) -> tuple[Any, ...]:
     return layers
 
 
-def _elementwise_curvature(act: _act.Activation, z: Array, g: Array) -> Array:
+def _elementwise_curvature(act: Activation, z: Array, g: Array) -> Array:
     """``r = f''(z) ∘ g``, shape of ``z``: forward mode over the backward ``δ = g ∘ f'(z)``."""
 
     def delta(z_: Array) -> Array:
@@ -103,7 +103,7 @@ def _elementwise_curvature(act: _act.Activation, z: Array, g: Array) -> Array:
     return jax.jvp(delta, (z,), (jnp.ones_like(z),))[1]
 
 
-def _activation_factor(act: _act.Activation, z: Array, g: Array) -> tuple[Array, Array]:
+def _activation_factor(act: Activation, z: Array, g: Array) -> tuple[Array, Array]:
     """``R = ∂²(g · f(z))/∂z²`` row by row as a signed factor, block diagonal over positions.
 
     Args:

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bpjax import losses as _losses
 from bpjax._types import Array, Params
 from bpjax.layers import Conv2D, Dense, DenseCache
+from bpjax.losses import Loss
 from bpjax.network import Cache, OutputError
 
 __all__ = [
@@ -71,7 +71,7 @@ def check_net(net: Any) -> tuple[Any, ...]:
     if (
         not isinstance(layers, tuple)
         or not layers
-        or not isinstance(objective, _losses.Loss)
+        or not isinstance(objective, Loss)
         or not callable(getattr(net, "forward", None))
     ):
         raise TypeError(

@@ -16,10 +16,9 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from bpjax import activations as _act
-from bpjax import losses as _losses
 from bpjax._types import Array, Grads, Params, PRNGKey, is_int
 from bpjax._validate import check_key
+from bpjax.activations import identity, sigmoid, softmax
 from bpjax.extend import rules
 from bpjax.extend.passes import (
     ForwardPass,
@@ -35,6 +34,12 @@ from bpjax.extend.passes import (
     loss_from_output,
     output_variable,
     positive_poison,
+)
+from bpjax.losses import (
+    binary_cross_entropy,
+    cross_entropy,
+    label_poison,
+    squared_error,
 )
 
 __all__ = [
@@ -61,19 +66,19 @@ def _row_factor(
     n = v.shape[-1]
     eye = jnp.eye(n, dtype=v.dtype)
     pair = (net.layers[-1].activation, net.objective) if curvature_at_z(net) else None
-    if pair == (_act.identity, _losses.squared_error):
+    if pair == (identity, squared_error):
         return jnp.broadcast_to(eye, (v.shape[0], n, n)), None
-    if pair == (_act.sigmoid, _losses.binary_cross_entropy):
+    if pair == (sigmoid, binary_cross_entropy):
         p = jax.nn.sigmoid(v)
         return jnp.sqrt(p * (1 - p))[:, :, None] * eye, None
-    if pair == (_act.softmax, _losses.cross_entropy):
+    if pair == (softmax, cross_entropy):
         p = jax.nn.softmax(v, axis=-1)
         sqrt_p = jnp.sqrt(p)
         factor = sqrt_p[:, :, None] * eye - p[:, :, None] * sqrt_p[:, None, :]
         if y.ndim == 2:  # H = (Σ_j y_j)(diag p − p pᵀ) for a target vector
             factor = factor * jnp.sqrt(jnp.sum(y, axis=-1))[:, None, None]
         else:  # H does not depend on a label, but C_n is undefined for one out of range: NaN
-            factor = factor * _losses.label_poison(y, n, v.dtype)[:, None, None]
+            factor = factor * label_poison(y, n, v.dtype)[:, None, None]
         if minimal and n > 1:
             # S R with R the first n − 1 columns of the reflection I − u uᵀ/(1 + √p_n),
             # u = √p + e_n, which takes √p to −e_n: R spans √p⊥ ⊇ S's row space (S √p = 0),
@@ -236,19 +241,19 @@ def _sampled_factor(net: Any, v: Array, y: Array, key: PRNGKey, samples: int) ->
     pair = (net.layers[-1].activation, net.objective) if curvature_at_z(net) else None
     rows, n = v.shape
     shape = (samples, rows, n)
-    if pair == (_act.identity, _losses.squared_error):
+    if pair == (identity, squared_error):
         g = jax.random.normal(key, shape, v.dtype)  # ŷ ~ N(z, I): z − ŷ = −ε
-    elif pair == (_act.sigmoid, _losses.binary_cross_entropy):
+    elif pair == (sigmoid, binary_cross_entropy):
         p = jax.nn.sigmoid(v)
         g = p - jax.random.bernoulli(key, p, shape).astype(v.dtype)
-    elif pair == (_act.softmax, _losses.cross_entropy):
+    elif pair == (softmax, cross_entropy):
         p = jax.nn.softmax(v, axis=-1)
         labels = jax.random.categorical(key, v, axis=-1, shape=(samples, rows))
         g = p - jax.nn.one_hot(labels, n, dtype=v.dtype)
         if y.ndim == 2:
             g = g * jnp.sqrt(jnp.sum(y, axis=-1))[:, None]
         else:  # as in loss_hessian_factor: NaN for an example whose label is out of range
-            g = g * _losses.label_poison(y, n, v.dtype)[:, None]
+            g = g * label_poison(y, n, v.dtype)[:, None]
     else:
         act = getattr(net.layers[-1], "activation", None)
         got = f"{act.name!r} + " if act is not None else f"a {type(net.layers[-1]).__name__} + "

@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 from jax import lax
 
-from bpjax import activations as _act
 from bpjax._types import Array, PRNGKey
+from bpjax.activations import Activation
 from bpjax.layers._conv_method import conv_kernel_grad
 from bpjax.layers._init import (
     Pads,
@@ -142,7 +142,7 @@ class Conv2D:
     kernel_size: int | tuple[int, int]
     strides: int | tuple[int, int]
     padding: Any
-    activation: _act.Activation  # a name is resolved to its Activation by __init__
+    activation: Activation  # a name is resolved to its Activation by __init__
     precision: Any
 
     def __init__(
@@ -152,7 +152,7 @@ class Conv2D:
         strides: int | tuple[int, int] = 1,
         padding: Any = "VALID",
         *,
-        activation: str | _act.Activation = "identity",
+        activation: str | Activation = "identity",
         precision: Any = None,
     ) -> None:
         object.__setattr__(self, "features", positive_int(features, "features"))

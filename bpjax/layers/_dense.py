@@ -7,8 +7,8 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
-from bpjax import activations as _act
 from bpjax._types import Array, PRNGKey
+from bpjax.activations import Activation
 from bpjax.layers._init import (
     checked_activation,
     positive_int,
@@ -53,9 +53,9 @@ class Dense:
     """
 
     n_out: int
-    activation: _act.Activation  # a name is resolved to its Activation by __init__
+    activation: Activation  # a name is resolved to its Activation by __init__
 
-    def __init__(self, n_out: int, activation: str | _act.Activation = "identity") -> None:
+    def __init__(self, n_out: int, activation: str | Activation = "identity") -> None:
         object.__setattr__(self, "n_out", positive_int(n_out, "n_out"))
         object.__setattr__(self, "activation", checked_activation(activation))
 

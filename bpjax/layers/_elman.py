@@ -12,8 +12,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bpjax import activations as _act
 from bpjax._types import Array, PRNGKey
+from bpjax.activations import Activation
 from bpjax.layers._init import (
     checked_activation,
     orthogonal_weight,
@@ -87,13 +87,13 @@ class Elman:
     """
 
     hidden: int
-    activation: _act.Activation  # a name is resolved to its Activation by __init__
+    activation: Activation  # a name is resolved to its Activation by __init__
     truncate: int | None
 
     def __init__(
         self,
         hidden: int,
-        activation: str | _act.Activation = "tanh",
+        activation: str | Activation = "tanh",
         *,
         truncate: int | None = None,
     ) -> None:

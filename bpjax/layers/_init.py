@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bpjax import activations as _act
 from bpjax._types import Array, PRNGKey, is_int
+from bpjax.activations import Activation, get_activation
 from bpjax.layers._layout import weight_grad
 
 __all__ = [
@@ -55,7 +55,7 @@ INIT_SCALING: dict[str, tuple[float, Any]] = {
 """``Activation.init`` → ``(scale, mode)`` of :func:`jax.nn.initializers.variance_scaling`."""
 
 
-def checked_activation(activation: Any) -> _act.Activation:
+def checked_activation(activation: Any) -> Activation:
     """The :class:`bpjax.Activation` of a name or an activation, if it names an init we know.
 
     Raises:
@@ -63,7 +63,7 @@ def checked_activation(activation: Any) -> _act.Activation:
         :data:`INIT_SCALING`.
       TypeError: neither a name nor an :class:`bpjax.Activation`.
     """
-    act = _act.get_activation(activation)
+    act = get_activation(activation)
     if act.init not in INIT_SCALING:
         raise ValueError(
             f"activation: {act.name!r} has init={act.init!r}; expected one of "

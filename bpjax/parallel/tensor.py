@@ -15,9 +15,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from bpjax import activations as _act
 from bpjax._types import Array, Grads, Params
-from bpjax.extend.passes import check_dense_net as _check_dense
+from bpjax.activations import ACTIVATIONS
+from bpjax.extend import passes
 from bpjax.layers import Dense
 from bpjax.network import Serial
 from bpjax.parallel.mesh import (
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 # Activations known to act elementwise: a row-sharded hidden layer applies them to its own slice.
-_ELEMENTWISE = tuple(a for a in _act.ACTIVATIONS.values() if a.name != "softmax")
+_ELEMENTWISE = tuple(a for a in ACTIVATIONS.values() if a.name != "softmax")
 
 
 def check_dense_net(net: Any) -> tuple[Dense, ...]:
@@ -48,7 +48,7 @@ def check_dense_net(net: Any) -> tuple[Dense, ...]:
             f"net: tensor parallelism shards Dense layers: expected a bpjax.MLP or a bpjax.serial "
             f"network of bpjax.layers.Dense layers, got {type(net).__name__}."
         )
-    return _check_dense(net, purpose="tensor parallelism shards")
+    return passes.check_dense_net(net, purpose="tensor parallelism shards")
 
 
 def sharded_layers(net: Any, model: int) -> tuple[bool, ...]:

@@ -62,8 +62,9 @@ from bpjax._types import Array, ArrayTree
 from bpjax.check import CheckRow, GradCheckReport, GradientMismatchError, check_grads
 from bpjax.check.grads import least_precise
 from bpjax.check.tolerance import Tolerance, compare, measure, unit_roundoff
-from bpjax.testing import _contracts
 from bpjax.testing._adapt import adapt, cotangent_for, leaf_paths, manual_vjp, output_structure
+from bpjax.testing._contracts import CONTRACTS, Inputs
+from bpjax.testing._contracts import check as check_contracts
 from bpjax.testing._second_order import check_order, second_order_rows
 from bpjax.testing._trees import manual_leaves
 
@@ -216,7 +217,7 @@ def check_backward(
     kwargs: Mapping[str, Any] | None = None,
     order: int = 1,
     references: Sequence[str] = BACKWARD_REFERENCES,
-    contracts: Sequence[str] = _contracts.CONTRACTS,
+    contracts: Sequence[str] = CONTRACTS,
     determinism_rtol: float = 0.0,
     directions: int = 2,
     seed: int = 0,
@@ -299,7 +300,7 @@ def check_backward(
       (True, 'x', 'jax.vjp')
     """
     _check_names("references", references, BACKWARD_REFERENCES)
-    _check_names("contracts", contracts, _contracts.CONTRACTS)
+    _check_names("contracts", contracts, CONTRACTS)
     order = check_order(order)
     # the user's form (static and keyword arguments, nondiff_argnums) bound into the functions:
     # from here on every primal is a pytree of arrays (see bpjax.testing._adapt)
@@ -357,8 +358,8 @@ def check_backward(
             fns, primals64, c64, manual64, tols, names, paths, directional,
             directions=directions, seed=seed, jit=jit,
         )  # fmt: skip
-    inputs = _contracts.Inputs(primals, c, [i for i, _ in paths], names, allowed, seed)
-    rows += _contracts.check(
+    inputs = Inputs(primals, c, [i for i, _ in paths], names, allowed, seed)
+    rows += check_contracts(
         fns.manual, inputs, contracts, wrap=wrap, determinism_rtol=determinism_rtol,
     )  # fmt: skip
     if order == 2:
