@@ -229,14 +229,14 @@ def _measured_method(
 ) -> str:
     """``taps`` if it is faster by :data:`_MARGIN` in the median of interleaved paired timings
     of both compiled kernel gradients, else ``conv``."""
-    # Inside a caller's trace jnp ops would be staged into its program: evaluate them now. The
-    # caller may forbid transfers (jax.transfer_guard); this program's own inputs are ours.
-    with jax.ensure_compile_time_eval(), jax.transfer_guard("allow"):
+    h_out, w_out = _out_positions(x_shape, window, strides, pads)
+
+    def make_args() -> tuple[Array, Array]:
         x = jnp.full(x_shape, 0.25, dtype)
-        h_out, w_out = _out_positions(x_shape, window, strides, pads)
-        delta = jnp.full((x_shape[0], h_out, w_out, features), 0.5, dtype)
-        fns = [
-            jax.jit(lambda x, d, f=f: f(x, d, window, strides, pads)) for f in (_by_taps, _by_conv)
-        ]
-        ratio = paired_ratio(fns[0], fns[1], (x, delta))
+        return x, jnp.full((x_shape[0], h_out, w_out, features), 0.5, dtype)
+
+    taps, conv = (
+        jax.jit(lambda x, d, f=f: f(x, d, window, strides, pads)) for f in (_by_taps, _by_conv)
+    )
+    ratio = paired_ratio(taps, conv, make_args)
     return "taps" if ratio < _MARGIN else "conv"

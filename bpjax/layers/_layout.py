@@ -27,6 +27,7 @@ import functools
 import os
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -128,27 +129,32 @@ def _repeated(layout: Any, repeats: int) -> Any:
     return jax.jit(run)
 
 
-def paired_ratio(fn_a: Any, fn_b: Any, args: tuple[Any, ...]) -> float:
+def paired_ratio(fn_a: Any, fn_b: Any, make_args: Callable[[], tuple[Any, ...]]) -> float:
     """The median over interleaved rounds of ``time(fn_a(*args)) / time(fn_b(*args))``.
 
-    Both are compiled and warmed up first; then 5–15 rounds (as many as fit 0.2 s), each timing
-    one call of each. A burst of load in one round cannot swing the median of per-round ratios.
-    Call it under ``jax.ensure_compile_time_eval`` with concrete ``args`` when inside a trace.
+    ``args = make_args()``. Both are compiled and warmed up first; then 5–15 rounds (as many as
+    fit 0.2 s), each timing one call of each. A burst of load in one round cannot swing the
+    median of per-round ratios. Safe inside a caller's trace: the arguments are built and the
+    calls run at once (``jax.ensure_compile_time_eval``), not staged into the caller's program,
+    and under ``jax.transfer_guard("allow")``, since a caller's guard is its rule for its own
+    arrays, not for these.
     """
-    for fn in (fn_a, fn_b):
-        jax.block_until_ready(fn(*args))  # compile and warm up
-    start = time.perf_counter()
-    jax.block_until_ready(fn_a(*args))
-    once = time.perf_counter() - start
-    rounds = int(min(_ROUNDS[1], max(_ROUNDS[0], _BUDGET_S / max(once, 1e-6))))
-    ratios = []
-    for _ in range(rounds):
-        took = []
+    with jax.ensure_compile_time_eval(), jax.transfer_guard("allow"):
+        args = make_args()
         for fn in (fn_a, fn_b):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            took.append(time.perf_counter() - start)
-        ratios.append(took[0] / took[1])
+            jax.block_until_ready(fn(*args))  # compile and warm up
+        start = time.perf_counter()
+        jax.block_until_ready(fn_a(*args))
+        once = time.perf_counter() - start
+        rounds = int(min(_ROUNDS[1], max(_ROUNDS[0], _BUDGET_S / max(once, 1e-6))))
+        ratios = []
+        for _ in range(rounds):
+            took = []
+            for fn in (fn_a, fn_b):
+                start = time.perf_counter()
+                jax.block_until_ready(fn(*args))
+                took.append(time.perf_counter() - start)
+            ratios.append(took[0] / took[1])
     return statistics.median(ratios)
 
 
@@ -158,20 +164,16 @@ def _measured_layout(batch: int, n_out: int, n_in: int, dtype: str) -> str:
     both compiled loops of backward steps (:func:`_repeated`), else ``materialise``."""
     # two dots of 2·B·n_l·n_{l-1} FLOPs per step
     repeats = int(min(_MAX_REPEATS, max(1, _FLOPS_PER_CALL // (4 * batch * n_out * n_in))))
-    # Inside a caller's trace jnp ops would be staged into its program: evaluate them now. The
-    # caller may forbid transfers (jax.transfer_guard); this program's own inputs are ours.
-    with jax.ensure_compile_time_eval(), jax.transfer_guard("allow"):
-        args = (
+
+    def make_args() -> tuple[Array, ...]:
+        return (
             jnp.full((batch, n_out), 0.5, dtype),  # g
             jnp.full((batch, n_out), 0.3, dtype),  # z
             jnp.full((batch, n_in), 0.25, dtype),  # a_prev
             jnp.full((n_out, n_in), 0.1, dtype),  # W
         )
-        fns = {
-            name: _repeated(layout, repeats)
-            for name, layout in zip(LAYOUTS, (_fold, _materialise), strict=True)
-        }
-        ratio = paired_ratio(fns["fold"], fns["materialise"], args)
+
+    ratio = paired_ratio(_repeated(_fold, repeats), _repeated(_materialise, repeats), make_args)
     return "fold" if ratio < _MARGIN else "materialise"
 
 

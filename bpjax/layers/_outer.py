@@ -78,9 +78,9 @@ def use_gram(positions: int, m: int, n: int) -> bool:
     return positions > 1 and positions * (m + n) < m * n
 
 
-def example_outer(delta: Array, a: Array, precision: Any = None) -> Array:
+def example_outer(delta: Array, a: Array) -> Array:
     """``g_n = Σ_t δ_{n,t} a_{n,t}ᵀ``: ``(batch, P, m)``, ``(batch, P, n)`` -> ``(batch, m, n)``."""
-    return jnp.einsum("bpm,bpn->bmn", delta, a, precision=precision)
+    return jnp.einsum("bpm,bpn->bmn", delta, a)
 
 
 def example_outer_sq_norms(delta: Array, a: Array) -> Array:
