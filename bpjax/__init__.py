@@ -24,7 +24,7 @@ from bpjax.layers import Dense, DenseCache, backprop
 from bpjax.losses import LOSSES, FusedOutput, Loss, fused_output, get_loss
 from bpjax.mlp import MLP
 from bpjax.network import Backward, Cache, OutputError, Serial, SerialCache, serial
-from bpjax.runtime_checks import checked
+from bpjax.runtime_checks import checked, checks_enabled
 from bpjax.train import (
     OPTIMIZERS,
     EvalRecord,
@@ -73,6 +73,7 @@ __all__ = [
     "check_mlp",
     "check_network",
     "checked",
+    "checks_enabled",
     "custom_vjp",
     "evaluate",
     "fit",

@@ -41,6 +41,7 @@ from bpjax.activations import (
     sigmoid,
     softmax,
 )
+from bpjax.runtime_checks import checks_enabled
 
 __all__ = [
     "LOSSES",
@@ -136,14 +137,17 @@ def label_poison(labels: Array, n: int, dtype: jnp.dtype) -> Array:
     """
     labels = jnp.asarray(labels)
     valid = (labels >= 0) & (labels < n)
-    flat = jnp.ravel(valid)
-    first_bad = jnp.argmin(flat) if flat.size else jnp.zeros((), jnp.int32)
-    checkify.debug_check(
-        jnp.all(valid),
-        f"y: class label y.ravel()[{{}}] = {{}} is outside [0, n_L) = [0, {n}).",
-        first_bad,
-        jnp.ravel(labels)[first_bad] if flat.size else jnp.zeros((), labels.dtype),
-    )
+    # stated only under bpjax.checked: a check in a plain program is an effect, which would send
+    # every call of the caller's jitted function down JAX's slow dispatch path
+    if checks_enabled():
+        flat = jnp.ravel(valid)
+        first_bad = jnp.argmin(flat) if flat.size else jnp.zeros((), jnp.int32)
+        checkify.debug_check(
+            jnp.all(valid),
+            f"y: class label y.ravel()[{{}}] = {{}} is outside [0, n_L) = [0, {n}).",
+            first_bad,
+            jnp.ravel(labels)[first_bad] if flat.size else jnp.zeros((), labels.dtype),
+        )
     return jnp.where(valid, jnp.ones((), dtype), jnp.full((), jnp.nan, dtype))
 
 

@@ -95,3 +95,30 @@ def test_unchecked_program_carries_no_check(case):
     net, params, x = case
     text = jax.jit(net.value_and_grad).lower(params, x, jnp.zeros(5, jnp.int32)).as_text()
     assert "check" not in text.lower() and "error" not in text.lower()
+
+
+@pytest.mark.parametrize("index", range(6), ids=lambda i: str(i))
+def test_plain_trace_has_no_effect(index, case):
+    """No check, not even a dropped one, in a plain trace: a check is an effect, and an effect
+    sends every call of a jitted function down JAX's Python dispatch path."""
+    net, params, x = case
+    name, f = _functions(net)[index]
+    y = jnp.asarray([0, 1, 1, 0, 1])
+    assert jax.make_jaxpr(f)(params, x, y).effects == set(), name
+    assert not bp.checks_enabled()
+
+
+def test_checked_retraces_a_function_traced_plainly_first(case):
+    """checks_enabled is part of jax.jit's cache key: a jitted function called plainly first is
+    traced again, with its check, under checked, and its plain trace stays check-free."""
+    net, params, x = case
+    f = jax.jit(net.value_and_grad)
+    y = jnp.asarray([0, 1, 1, -3, 1])
+    assert bool(jnp.isnan(f(params, x, y)[0]))
+    with pytest.raises(ValueError, match=re.escape(BAD)):
+        bp.checked(f)(params, x, y)
+    assert bool(jnp.isnan(f(params, x, y)[0]))
+    assert jax.make_jaxpr(f)(params, x, y).effects == set()
+    seen = []
+    bp.checked(lambda p: seen.append(bp.checks_enabled()) or net.loss(p, x, y * 0))(params)
+    assert seen == [True] and not bp.checks_enabled()
