@@ -217,6 +217,48 @@ def time_interleaved(
     return {name: np.asarray(s) for name, s in samples.items()}
 
 
+def time_blocks(
+    fns: dict[str, Callable[[], Any]], *, rounds: int, block: int, settle: float
+) -> dict[str, np.ndarray]:
+    """Times ``rounds`` rounds of every function in blocks: the median of ``block`` calls in a row.
+
+    For timing libraries against each other in one run. Each library's thread pools (XLA's,
+    PyTorch's OpenMP, OpenBLAS's) spin for a while after their work and take cores from whoever
+    runs next, and sleep when left idle, so a call right after another library's, or after a
+    pause, is not what a training loop, which calls one library over and over, sees. Each block
+    therefore starts with untimed calls for at least ``settle`` seconds (at least one), then
+    times ``block`` calls in a row. The libraries take turns within every round (the order
+    reversed each other round), so a slow spell of the machine falls on all of them alike and
+    per-round ratios cancel it; timing each library alone, one after the other, let a spell two
+    times slower fall on one library only.
+
+    The garbage collector is off while timing. Returns each function's block medians in
+    seconds, by name, in round order: ``samples[name][r]`` is round ``r``.
+    """
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else reversed(names):
+                start = time.perf_counter()
+                jax.block_until_ready(fns[name]())
+                while time.perf_counter() - start < settle:
+                    jax.block_until_ready(fns[name]())
+                took = []
+                for _ in range(block):
+                    start = time.perf_counter()
+                    jax.block_until_ready(fns[name]())
+                    took.append(time.perf_counter() - start)
+                samples[name].append(float(np.median(took)))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: np.asarray(s) for name, s in samples.items()}
+
+
 def auto_repeats(round_seconds: float, budget: float, *, lo: int = 11, hi: int = 301) -> int:
     """As many rounds as fit in ``budget`` seconds, between ``lo`` and ``hi``, odd."""
     n = int(budget / max(round_seconds, 1e-9))

@@ -14,13 +14,17 @@
   when that file exists; its ``"markdown"`` goes into the report.
 
 Fair timing on a few CPU cores: XLA's, PyTorch's and OpenBLAS's thread pools each spin for a while
-after their work and take cores from whichever library runs next. So each library's variants run
-together (jitted JAX's manual, jax.grad and forward in interleaved rounds, the order reversed every
-other round, with ``bench_mlp.time_interleaved``), then the suite pauses (``--pause``) before the
-next library. Tables give medians with the interquartile range; ratios against ``jax.grad`` are
-the median of per-round paired ratios where both ran in the same rounds (bpjax manual) and ratios
-of medians across libraries (PyTorch, NumPy). Every implementation's gradient is checked against
-``jax.grad``'s (``max |Δ∇| / max |∇|``).
+after their work and take cores from whichever library runs next, and this machine's speed drifts
+(the same jitted program measured 160 ms in one run and 285 ms in the next). So jitted JAX's
+manual, jax.grad and forward first run in interleaved rounds (``bench_mlp.time_interleaved``, the
+order reversed every other round: bench_mlp.py's own protocol); then the four libraries take
+turns in blocks (``bench_mlp.time_blocks``): each round gives every library, in turn, 50 ms of
+untimed calls (the previous library's thread pools stop spinning, its own wake up) and then a
+block of calls in a row, whose median is its time for the round. A slow spell then falls on
+every library alike, and the MLP table's ratios (each library against jax.grad, and bpjax manual
+against PyTorch) are medians of per-round paired ratios. Tables give medians with the
+interquartile range. Every implementation's gradient is checked against ``jax.grad``'s
+(``max |Δ∇| / max |∇|``).
 
 JAX runs on its default device (a GPU when one is there); PyTorch on CUDA when JAX is on a GPU and
 torch sees one, else on the CPU; NumPy on the CPU. The table says which. Outputs go to ``--out``
@@ -41,6 +45,7 @@ import argparse
 import datetime
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -88,6 +93,7 @@ class Config(NamedTuple):
     extend_budget_s: float  # seconds of timing per extend quantity
     extend_min_repeats: int
     pause_s: float  # between libraries
+    block_s: float  # MLP blocks: this many seconds of untimed calls, then as many timed (2-50)
     parallel_args: tuple[str, ...]  # extra arguments for bench_parallel.py
     parallel_timeout_s: float
 
@@ -109,6 +115,7 @@ FULL = Config(
     extend_budget_s=2.0,
     extend_min_repeats=3,  # the slowest vmap(grad) calls take seconds each
     pause_s=1.0,
+    block_s=0.05,
     parallel_args=(),
     parallel_timeout_s=240.0,
 )
@@ -136,6 +143,7 @@ QUICK = Config(
     extend_budget_s=0.05,
     extend_min_repeats=3,
     pause_s=0.01,
+    block_s=0.0,
     parallel_args=("--quick",),
     parallel_timeout_s=120.0,
 )
@@ -152,10 +160,12 @@ class MLPRow(NamedTuple):
     params: int  # number of parameters
     times: dict[str, Stats]  # by library: JAX_VARIANTS, TORCH, NUMPY (those that ran)
     repeats: dict[str, int]  # rounds, by library
-    manual_ratio: Stats  # bpjax manual / jax.grad, paired per round
+    manual_ratio: Stats  # bpjax manual / jax.grad, paired per interleaved round (bench_mlp's)
     mismatch: dict[str, float]  # max |Δ∇| / max |∇| against jax.grad, by library
     devices: dict[str, str]  # where each library ran
     peak_mib: dict[str, float] | None = None  # compiled peak memory: bpjax manual, jax.grad
+    block_ratios: dict[str, Stats] | None = None  # "<lib> / jax.grad", "bpjax manual / <lib>"
+    block: int = 0  # calls per block
 
 
 def torch_device() -> str:
@@ -167,18 +177,23 @@ def torch_device() -> str:
     return "cuda" if platform_name() == "gpu" and torch.cuda.is_available() else "cpu"
 
 
-def _time_alone(
-    name: str, fn: Callable[[], Any], *, repeats: int | None, budget: float
-) -> tuple[Stats, int]:
-    """Warms ``fn`` up, then times it in ``repeats`` rounds (or as many as fit in ``budget``)."""
-    once = bench_mlp.warm_up({name: fn}, ())
-    rounds = repeats or bench_mlp.auto_repeats(once[name], budget)
-    samples = bench_mlp.time_interleaved({name: fn}, (), repeats=rounds)
-    return Stats.of(samples[name]), rounds
+def _block_plan(once: dict[str, float], config: Config) -> tuple[int, int]:
+    """``(rounds, block)`` for :func:`bench_mlp.time_blocks`: timed blocks of at least
+    ``block_s`` (2 to 50 calls), as many rounds as fit ``budget_s`` per library (7 to 41, odd),
+    or ``config.repeats`` rounds."""
+    block = min(50, max(2, math.ceil(config.block_s / max(min(once.values()), 1e-9))))
+    if config.repeats:
+        return config.repeats, block
+    round_s = sum(block * t + max(t, config.block_s) for t in once.values())
+    return bench_mlp.auto_repeats(round_s, config.budget_s * len(once), lo=7, hi=41), block
+
+
+def _paired(samples: dict[str, np.ndarray], num: str, den: str) -> Stats:
+    return Stats.of(samples[num] / samples[den])
 
 
 def bench_mlp_case(case: Case, config: Config, *, seed: int, console: Console) -> MLPRow:
-    """Times ``case`` in jitted JAX, then NumPy, then PyTorch, pausing between libraries."""
+    """Times ``case``: jitted JAX's variants interleaved, then every library in paired blocks."""
     activation, output, loss = MLP_NET["activation"], MLP_NET["output"], MLP_NET["loss"]
     result = bench_mlp.bench_case(
         case,
@@ -191,41 +206,49 @@ def bench_mlp_case(case: Case, config: Config, *, seed: int, console: Console) -
     )
     net = bench_mlp.build_net(case, activation=activation, output=output, loss=loss)
     params, x, y = bench_mlp.make_problem(net, case.batch, loss, seed)
-    _, reference = jax.jit(jax.value_and_grad(net.loss))(params, x, y)
-    times = dict(zip(JAX_VARIANTS, (result.times[f] for f in bench_mlp.FUNCTIONS), strict=True))
-    repeats = dict.fromkeys(JAX_VARIANTS, result.repeats)
+    jitted = bench_mlp.jitted_functions(net)
+    _, reference = jitted["jax.grad"](params, x, y)
     mismatch = {"bpjax manual": result.grad_mismatch, "jax.grad": 0.0}
     jax_device = bench_mlp.machine_info()["device"]
     devices = dict.fromkeys(JAX_VARIANTS, jax_device) | {NUMPY: "cpu"}
+    steps: dict[str, Callable[[], Any]] = {
+        "bpjax manual": functools.partial(jitted["manual"], params, x, y),
+        "jax.grad": functools.partial(jitted["jax.grad"], params, x, y),
+    }
 
-    time.sleep(config.pause_s)
     np_params, np_x, np_y = peers.to_numpy_params(params), np.asarray(x), np.asarray(y)
-    np_step = functools.partial(peers.numpy_value_and_grad(net), np_params, np_x, np_y)
-    times[NUMPY], repeats[NUMPY] = _time_alone(
-        NUMPY, np_step, repeats=config.repeats, budget=config.budget_s
+    steps[NUMPY] = functools.partial(peers.numpy_value_and_grad(net), np_params, np_x, np_y)
+    mismatch[NUMPY] = bench_mlp.grad_mismatch(
+        jax.tree.map(jnp.asarray, steps[NUMPY]()[1]), reference
     )
-    mismatch[NUMPY] = bench_mlp.grad_mismatch(jax.tree.map(jnp.asarray, np_step()[1]), reference)
-
     status = peers.torch_status()
     if status.startswith("torch "):
-        time.sleep(config.pause_s)
         device = torch_device()
         step, to_torch = peers.torch_value_and_grad(net, params, device=device)
-        torch_step = functools.partial(step, *to_torch(x, y))
-        times[TORCH], repeats[TORCH] = _time_alone(
-            TORCH, torch_step, repeats=config.repeats, budget=config.budget_s
-        )
-        grads = peers.torch_grads_to_numpy(torch_step()[1])
+        steps[TORCH] = functools.partial(step, *to_torch(x, y))
+        grads = peers.torch_grads_to_numpy(steps[TORCH]()[1])
         mismatch[TORCH] = bench_mlp.grad_mismatch(jax.tree.map(jnp.asarray, grads), reference)
         devices[TORCH] = f"{device} ({status})"
     else:
         console.log(f"PyTorch eager skipped: {status}")
+
+    once = bench_mlp.warm_up(steps, ())
+    rounds, block = _block_plan(once, config)
+    console.log(f"mlp {case.name}: {len(steps)} libraries, {rounds} rounds of {block}-call blocks")
+    samples = bench_mlp.time_blocks(steps, rounds=rounds, block=block, settle=config.block_s)
+    times = {lib: Stats.of(s) for lib, s in samples.items()} | {"forward": result.times["forward"]}
+    repeats = dict.fromkeys(steps, rounds) | {"forward": result.repeats}
+    ratios = {f"{lib} / jax.grad": _paired(samples, lib, "jax.grad") for lib in steps}
+    if TORCH in samples:
+        ratios[f"bpjax manual / {TORCH}"] = _paired(samples, "bpjax manual", TORCH)
     time.sleep(config.pause_s)
     n_params = bench_extend.num_params(case.sizes)
     peak = None if result.peak_mib is None else {
         "bpjax manual": result.peak_mib["manual"], "jax.grad": result.peak_mib["jax.grad"]
     }  # fmt: skip
-    return MLPRow(case, n_params, times, repeats, result.ratio, mismatch, devices, peak)
+    return MLPRow(
+        case, n_params, times, repeats, result.ratio, mismatch, devices, peak, ratios, block
+    )
 
 
 def mlp_row_to_json(row: MLPRow) -> dict[str, Any]:
@@ -241,6 +264,8 @@ def mlp_row_to_json(row: MLPRow) -> dict[str, Any]:
         "repeats": row.repeats,
         "ratio_manual_over_jax_paired": row.manual_ratio._asdict(),
         "ratio_of_medians_over_jax": {lib: s.median / jax_grad for lib, s in row.times.items()},
+        "block_ratios_paired": {k: v._asdict() for k, v in (row.block_ratios or {}).items()},
+        "block_calls": row.block,
         "grad_mismatch_vs_jax": row.mismatch,
         "devices": row.devices,
         "peak_mib": row.peak_mib,
@@ -313,42 +338,50 @@ def _mlp_markdown(rows: Sequence[dict[str, Any]], torch: str) -> list[str]:
     missing = {TORCH: torch if torch.startswith("not installed") else "not run", NUMPY: "not run"}
     libraries = ("bpjax manual", "jax.grad", TORCH, NUMPY)
     checked = ("bpjax manual", TORCH, NUMPY)
+    ratio_names = (
+        "bpjax manual / jax.grad",
+        f"{TORCH} / jax.grad",
+        f"{NUMPY} / jax.grad",
+        f"bpjax manual / {TORCH}",
+    )
     devices = {lib: d for r in rows for lib, d in r["devices"].items()}
     lines = [
         "### MLP value_and_grad: bpjax manual, jax.grad, PyTorch eager, NumPy δ-recursion",
         "",
-        "float32, tanh hidden layers, softmax + cross-entropy; ms as median [IQR]; ratios to "
-        "jax.grad (bpjax manual: paired per round; the others: of medians); max rel Δ∇ against "
-        "jax.grad; peak MiB of the compiled programs (XLA's memory_analysis: arguments + "
-        "outputs + temporaries). Devices: "
+        "float32, tanh hidden layers, softmax + cross-entropy. The libraries take turns in "
+        "rounds; in each, every library gets 50 ms of untimed calls, then a block of timed calls "
+        "in a row (the median of the block is its time for the round), so that a slow spell of the "
+        "machine falls on all of them. ms as median [IQR] over the rounds; ratios are medians "
+        "[IQR] of per-round paired ratios; max rel Δ∇ against jax.grad; peak MiB of the "
+        "compiled programs (XLA's memory_analysis: arguments + outputs + temporaries). Devices: "
         + "; ".join(f"{lib} on {devices.get(lib, missing.get(lib))}" for lib in libraries)
         + ".",
         "",
-        "| case | sizes @ batch | params | bpjax manual ms | jax.grad ms | PyTorch ms | NumPy ms "
-        "| manual / jax.grad | PyTorch / jax.grad | NumPy / jax.grad | max rel Δ∇ "
-        "(manual, PyTorch, NumPy) | peak MiB manual / jax.grad |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| case | sizes @ batch | params | rounds × calls | bpjax manual ms | jax.grad ms "
+        "| PyTorch ms | NumPy ms | manual / jax.grad | PyTorch / jax.grad | NumPy / jax.grad "
+        "| manual / PyTorch | max rel Δ∇ (manual, PyTorch, NumPy) | peak MiB manual / jax.grad |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: |",
     ]
     for r in rows:
-        times, ratios, diff = (
-            r["times_s"],
-            r["ratio_of_medians_over_jax"],
-            r["grad_mismatch_vs_jax"],
-        )
-        paired = r["ratio_manual_over_jax_paired"]
+        times, diff, ratios = r["times_s"], r["grad_mismatch_vs_jax"], r["block_ratios_paired"]
         lines.append(
             f"| {r['case']} | {','.join(map(str, r['sizes']))} @ {r['batch']} | {r['params']:,} | "
+            f"{r['repeats']['jax.grad']} × {r['block_calls']} | "
             + " | ".join(_cell(times.get(lib)) for lib in libraries)
-            + f" | {paired['median']:.2f} [{paired['q1']:.2f}–{paired['q3']:.2f}]"
-            + "".join(
-                f" | {_num(ratios[lib])}" if lib in ratios else f" | {missing[lib].split(' (')[0]}"
-                for lib in (TORCH, NUMPY)
-            )
+            + "".join(f" | {_ratio(ratios.get(name), missing)}" for name in ratio_names)
             + " | "
             + ", ".join(f"{diff[lib]:.0e}" if lib in diff else "—" for lib in checked)
             + f" | {_peak(r.get('peak_mib'))} |"
         )
     return lines
+
+
+def _ratio(stats: dict[str, float] | None, missing: dict[str, str]) -> str:
+    """``median [q1–q3]``, two decimals; what is missing where the ratio's library did not run."""
+    if stats is None:
+        return missing[TORCH].split(" (")[0]
+    return f"{stats['median']:.2f} [{stats['q1']:.2f}–{stats['q3']:.2f}]"
 
 
 def _peak(peak_mib: dict[str, float] | None) -> str:

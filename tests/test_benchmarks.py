@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import bench_extend, dp_sgd_digits, machine, peers, run
+from benchmarks import bench_extend, bench_mlp, dp_sgd_digits, machine, peers, run
 from bpjax import MLP
 
 # (activations, loss): every hidden activation and output pair the peers implement
@@ -400,3 +400,16 @@ def test_dp_sgd_bad_options_exit_2(argv, capsys):
         dp_sgd_digits.parse_args(argv)
     assert exc.value.code == 2
     assert argv[0] in capsys.readouterr().err
+
+
+def test_time_blocks_takes_turns_and_times_whole_blocks():
+    """Every library, in every round, gets its untimed call and then `block` timed calls in a
+    row; the order reverses each round, so neither always follows the other."""
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    samples = bench_mlp.time_blocks(fns, rounds=4, block=3, settle=0.0)
+    assert {name: s.shape for name, s in samples.items()} == dict.fromkeys(fns, (4,))
+    assert all(bool(np.all(s >= 0)) for s in samples.values())
+    turns = [calls[i] for i in range(0, len(calls), 4)]
+    assert calls == [name for name in turns for _ in range(4)]
+    assert turns == ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"]
