@@ -31,8 +31,9 @@ MLP, and KFLR's factors are laid out differently, so no output is compared. A qu
 rejects for a network with a TypeError gets a row saying so, and nothing is timed.
 
 Each function is run once to compile and warm up, then the three are called in interleaved
-rounds, the order reversed every other round; the table gives medians and the speed-ups
-``vmap(grad) / bpjax`` and ``BackPACK / bpjax`` (medians of the per-round paired ratios). A quantity
+rounds, the order varied by round (``bench_mlp.time_interleaved``); the table gives medians and
+the speed-ups ``vmap(grad) / bpjax`` and ``BackPACK / bpjax`` (medians of the per-round paired
+ratios). A quantity
 whose output or per-example gradients would not fit in ``--max-gib`` (``batch_grad`` of the large
 network is 21 GB) is skipped for every implementation, with a line saying so.
 

@@ -9,7 +9,7 @@ params and data:
 * ``jax.grad``: ``jax.value_and_grad(net.loss)``, reverse-mode autodiff of the same forward;
 * ``forward``: ``net.loss`` alone.
 
-They are timed in interleaved rounds, the order reversed every other round, exactly as
+They are timed in interleaved rounds, in an order varied by round, exactly as
 ``benchmarks/bench_mlp.py`` does (its timing helpers are reused); ``manual / jax.grad`` is the
 median of the per-round paired ratios, with its interquartile range.
 

@@ -9,9 +9,10 @@ the same params and data, all in float32:
   also return.
 
 Each is compiled and run once first (``block_until_ready``); then they are called in interleaved
-rounds, the order reversed every other round (``M J F``, ``F J M``, ...), so that a slow spell of
-the shared machine falls on all three alike. A round's calls are timed one by one with
-``time.perf_counter``; the table gives the median and the interquartile range.
+rounds, in a fresh random order each round (:func:`time_interleaved`), so that a slow spell of the
+shared machine falls on all three alike and none always follows the same one. A round's calls
+are timed one by one with ``time.perf_counter``; the table gives the median and the
+interquartile range.
 
 ``manual / jax.grad`` is the median over rounds of the paired ratio of the two times in the same
 round. ``vag / forward`` is ``median(value_and_grad) / median(forward)``, shown next to its
@@ -83,6 +84,10 @@ OUTPUT_FOR_LOSS = {
 """The canonical output activation of each loss: the default ``--output``."""
 
 FUNCTIONS = ("manual", "jax.grad", "forward")
+CONTROL = "jax.grad A/A"
+"""With ``--control``: a second, separately jitted copy of ``jax.grad``'s function (the same
+program), timed in the same rounds. Its paired ratio to ``jax.grad`` is the protocol's own noise:
+a ``manual / jax.grad`` inside the spread of ``A/A`` around 1 is a tie."""
 
 
 class Stats(NamedTuple):
@@ -116,6 +121,7 @@ class Result(NamedTuple):
     hlo: dict[str, dict[str, float]] | None = None  # hlo_summary by function name, with --hlo
     peak_mib: dict[str, float] | None = None  # compiled_peak_mib of manual and jax.grad
     layouts: tuple[str, ...] = ()  # each Dense layer's ∇W dot layout (weight_grad_layout)
+    control: Stats | None = None  # with --control: jax.grad's A/A copy / jax.grad, paired
 
 
 # -- FLOP counts ---------------------------------------------------------------------------------
@@ -172,13 +178,18 @@ def make_problem(net: MLP, batch: int, loss: str, seed: int) -> tuple[Params, Ar
     return jax.block_until_ready((params, x, y))
 
 
-def jitted_functions(net: MLP) -> dict[str, Callable[..., Any]]:
-    """The three functions timed, jitted, by name (the names of :data:`FUNCTIONS`)."""
-    return {
+def jitted_functions(net: MLP, *, control: bool = False) -> dict[str, Callable[..., Any]]:
+    """The three functions timed, jitted, by name (the names of :data:`FUNCTIONS`), and with
+    ``control`` the :data:`CONTROL` copy of ``jax.grad``'s."""
+    fns = {
         "manual": jax.jit(net.value_and_grad),
         "jax.grad": jax.jit(jax.value_and_grad(net.loss)),
         "forward": jax.jit(net.loss),
     }
+    if control:
+        # a new function object: jax.jit compiles and caches it apart, the same program
+        fns[CONTROL] = jax.jit(jax.value_and_grad(lambda p, x, y: net.loss(p, x, y)))
+    return fns
 
 
 def warm_up(fns: dict[str, Callable[..., Any]], args: tuple[Any, ...]) -> dict[str, float]:
@@ -195,19 +206,31 @@ def warm_up(fns: dict[str, Callable[..., Any]], args: tuple[Any, ...]) -> dict[s
 def time_interleaved(
     fns: dict[str, Callable[..., Any]], args: tuple[Any, ...], *, repeats: int
 ) -> dict[str, np.ndarray]:
-    """Times ``repeats`` interleaved rounds of every function, the order reversed each other round.
+    """Times ``repeats`` interleaved rounds of every function, in an order that varies by round.
+
+    Two functions alternate (``A B``, ``B A``, ...). Three or more run in a fresh random order
+    each round (seeded, so a run is repeatable): a call's time depends on what ran just before
+    it (XLA:CPU's and YNNPACK's worker threads still spinning or gone to sleep; a YNNPACK dot
+    right after an Eigen dot ran 1.7× slower than after another YNNPACK dot, on a 2-core EPYC),
+    and with ``A B C``, ``C B A``, ... ``B`` never follows itself while ``A`` follows ``B`` in
+    half its rounds. Shuffled, every function follows every other equally often on average.
 
     The garbage collector is off while timing. Returns the seconds of each call, by name, in
     round order: ``samples[name][r]`` is round ``r``.
     """
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in names}
+    order = np.random.default_rng(0)
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         for r in range(repeats):
-            for name in names if r % 2 == 0 else reversed(names):
+            if len(names) > 2:
+                turn = [names[i] for i in order.permutation(len(names))]
+            else:
+                turn = names if r % 2 == 0 else names[::-1]
+            for name in turn:
                 start = time.perf_counter()
                 jax.block_until_ready(fns[name](*args))
                 samples[name].append(time.perf_counter() - start)
@@ -289,14 +312,16 @@ def bench_case(
     budget: float,
     seed: int,
     hlo: bool = False,
+    control: bool = False,
 ) -> Result:
     """Builds, checks and times one case. ``repeats=None`` picks them from ``budget`` seconds.
 
-    With ``hlo`` the result also carries :func:`hlo_summary` of each compiled function.
+    With ``hlo`` the result also carries :func:`hlo_summary` of each compiled function; with
+    ``control`` the :data:`CONTROL` copy of ``jax.grad`` is timed too, and its paired ratio.
     """
     net = build_net(case, activation=activation, output=output, loss=loss)
     args = make_problem(net, case.batch, loss, seed)
-    fns = jitted_functions(net)
+    fns = jitted_functions(net, control=control)
     once = warm_up(fns, args)
     mismatch = grad_mismatch(fns["manual"](*args)[1], fns["jax.grad"](*args)[1])
     if repeats is None:
@@ -316,12 +341,13 @@ def bench_case(
         forward_flops=forward_flops,
         backward_flops=backward_flops,
         grad_mismatch=mismatch,
-        hlo={name: hlo_summary(fn, args) for name, fn in fns.items()} if hlo else None,
+        hlo={name: hlo_summary(fns[name], args) for name in FUNCTIONS} if hlo else None,
         peak_mib={name: compiled_peak_mib(fns[name], args) for name in ("manual", "jax.grad")},
         layouts=tuple(
             weight_grad_layout(case.batch, n_out, n_in, DTYPE)
             for n_in, n_out in itertools.pairwise(case.sizes)
         ),
+        control=Stats.of(samples[CONTROL] / samples["jax.grad"]) if control else None,
     )
 
 
@@ -416,9 +442,11 @@ def render_table(results: Sequence[Result], *, title: str, target: float) -> Tab
         "FLOP\nlimit",
         "peak MiB\nmanual / jax",
         "max|Δ∇|\n/max|∇|",
+        *(("A/A\njax.grad",) if any(r.control for r in results) else ()),
     ):
         table.add_column(header, justify="right", no_wrap=True)
     for r in results:
+        control = (_stats_cell(r.control),) if any(q.control for q in results) else ()
         table.add_row(
             r.case.name,
             f"{','.join(map(str, r.case.sizes))}\n@ {r.case.batch}",
@@ -432,8 +460,13 @@ def render_table(results: Sequence[Result], *, title: str, target: float) -> Tab
             f"{r.flop_limit:.2f}",
             _peak_cell(r.peak_mib),
             f"{r.grad_mismatch:.1e}",
+            *control,
         )
     return table
+
+
+def _stats_cell(ratio: Stats | None) -> str:
+    return "—" if ratio is None else f"{ratio.median:.3f}\n[{ratio.q1:.3f}–{ratio.q3:.3f}]"
 
 
 def _peak_cell(peak_mib: dict[str, float] | None) -> str:
@@ -462,7 +495,9 @@ def _caption(target: float) -> str:
         "forward = jit(net.loss).\n"
         f"manual / jax.grad is the per-round paired ratio: green when its 75th percentile ≤ "
         f"{target:.2f}, red when its 25th percentile > {target:.2f}, yellow in between.\n"
-        "FLOP limit = (forward + backward matmul FLOPs) / forward FLOPs, backward without ∂C/∂x."
+        "FLOP limit = (forward + backward matmul FLOPs) / forward FLOPs, backward without ∂C/∂x.\n"
+        "A/A jax.grad (--control): a second jitted copy of jax.grad's function over jax.grad, "
+        "paired per round: the spread of the protocol itself."
     )
 
 
@@ -475,6 +510,7 @@ def result_to_json(result: Result) -> dict[str, Any]:
         "repeats": result.repeats,
         "times_s": {name: s._asdict() for name, s in result.times.items()},
         "ratio_manual_over_jax": result.ratio._asdict(),
+        "ratio_control_over_jax": None if result.control is None else result.control._asdict(),
         "ratio_of_medians": result.times["manual"].median / result.times["jax.grad"].median,
         "vag_over_forward": result.vag_over_forward,
         "flop_limit": result.flop_limit,
@@ -580,6 +616,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also print op counts and XLA's cost estimate of each compiled program",
     )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help=f"also time an A/A copy of jax.grad ({CONTROL!r}): the protocol's own noise",
+    )
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats: expected a positive count, got {args.repeats}.")
@@ -616,6 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repeats": args.repeats,
         "budget_s": args.budget,
         "seed": args.seed,
+        "control": args.control,
     }
     print_header(console, settings)
     results = []
@@ -632,6 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 budget=args.budget,
                 seed=args.seed,
                 hlo=args.hlo,
+                control=args.control,
             )
         )
     title = (

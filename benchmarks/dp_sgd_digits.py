@@ -29,10 +29,11 @@ so its first step is that comparison.
 Per batch size the table gives the held-out accuracy of each run and the time of one jitted DP-SGD
 step: the clipped mean, adding the noise and the optax update (the noise draw, the same for both,
 is timed apart). Each step is compiled and run once first, then the two are called in interleaved
-rounds, the order reversed every other round; medians with the interquartile range, the speed-up
-the median of the per-round paired ratios. No privacy accountant is installed, so no ε is
-reported: the table gives σ, C, the sampling ratio ``q = B/N`` and the number of steps (batches
-are shuffled, not Poisson-sampled, as is usual in practice).
+rounds, the order varied by round (``bench_mlp.time_interleaved``); medians with the
+interquartile range, the speed-up the median of the per-round paired ratios. No privacy
+accountant is installed, so no ε is reported: the table gives σ, C, the sampling ratio
+``q = B/N`` and the number of steps (batches are shuffled, not Poisson-sampled, as is usual in
+practice).
 
 Usage::
 

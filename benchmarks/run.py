@@ -17,7 +17,7 @@ Fair timing on a few CPU cores: XLA's, PyTorch's and OpenBLAS's thread pools eac
 after their work and take cores from whichever library runs next, and this machine's speed drifts
 (the same jitted program measured 160 ms in one run and 285 ms in the next). So jitted JAX's
 manual, jax.grad and forward first run in interleaved rounds (``bench_mlp.time_interleaved``, the
-order reversed every other round: bench_mlp.py's own protocol); then the four libraries take
+order varied by round: bench_mlp.py's own protocol); then the four libraries take
 turns in blocks (``bench_mlp.time_blocks``): each round gives every library, in turn, 50 ms of
 untimed calls (the previous library's thread pools stop spinning, its own wake up) and then a
 block of calls in a row, whose median is its time for the round. A slow spell then falls on

@@ -413,3 +413,44 @@ def test_time_blocks_takes_turns_and_times_whole_blocks():
     turns = [calls[i] for i in range(0, len(calls), 4)]
     assert calls == [name for name in turns for _ in range(4)]
     assert turns == ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"]
+
+
+def test_bench_mlp_control_times_an_a_a_copy_of_jax_grad(capsys):
+    """--control adds a second jitted copy of jax.grad's function, timed in the same shuffled
+    rounds; its paired ratio and the JSON field say how far apart two equal programs come out."""
+    case = bench_mlp.Case("tiny", (4, 5, 3), 6)
+    result = bench_mlp.bench_case(
+        case,
+        activation="tanh",
+        output="softmax",
+        loss="cross_entropy",
+        repeats=5,
+        budget=0.0,
+        seed=0,
+        control=True,
+    )
+    assert result.control is not None and result.control.median > 0
+    assert bench_mlp.result_to_json(result)["ratio_control_over_jax"]["median"] > 0
+    plain = bench_mlp.bench_case(
+        case, activation="tanh", output="softmax", loss="cross_entropy", repeats=3, budget=0.0,
+        seed=0,
+    )  # fmt: skip
+    assert (
+        plain.control is None and bench_mlp.result_to_json(plain)["ratio_control_over_jax"] is None
+    )
+    assert bench_mlp.main(["--sizes", "4,5,3@6", "--repeats", "3", "--control"]) == 0
+    assert "A/A" in capsys.readouterr().out
+
+
+def test_time_interleaved_shuffles_three_or_more_and_alternates_two():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    bench_mlp.time_interleaved(fns, (), repeats=60)
+    rounds = [tuple(calls[i : i + 3]) for i in range(0, len(calls), 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    # every function follows every other within rounds: no fixed order as a reversal would give
+    follows = {(r[i], r[i + 1]) for r in rounds for i in range(2)}
+    assert follows == {(p, q) for p in "abc" for q in "abc" if p != q}
+    calls.clear()
+    bench_mlp.time_interleaved({k: fns[k] for k in "ab"}, (), repeats=4)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
