@@ -122,3 +122,23 @@ def test_checked_retraces_a_function_traced_plainly_first(case):
     seen = []
     bp.checked(lambda p: seen.append(bp.checks_enabled()) or net.loss(p, x, y * 0))(params)
     assert seen == [True] and not bp.checks_enabled()
+
+
+def test_checked_refuses_what_it_cannot_check(case):
+    """A program compiled ahead of time holds no check (it would silently return NaN); inside
+    jit, vmap or another checked, whether to raise cannot be decided in Python."""
+    net, params, x = case
+    y = jnp.asarray([0, 1, 1, -3, 1])
+    f = jax.jit(net.value_and_grad)
+    with pytest.raises(TypeError, match=r"fn: .*compiled program \(jax.stages.Compiled\)"):
+        bp.checked(f.lower(params, x, y).compile())
+    inside = r"checked: called inside jax.jit, jax.vmap or another checked"
+    with pytest.raises(TypeError, match=inside):
+        jax.jit(bp.checked(f))(params, x, y)
+    with pytest.raises(TypeError, match=inside):
+        jax.vmap(bp.checked(net.loss), (None, 0, 0))(params, x[None], y[None])
+    with pytest.raises(TypeError, match=inside):
+        bp.checked(bp.checked(f))(params, x, y)
+    # around it, grad is fine: the check is decided on concrete values
+    with pytest.raises(ValueError, match=re.escape(BAD)):
+        jax.grad(bp.checked(jax.jit(net.loss)))(params, x, y)
