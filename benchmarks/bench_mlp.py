@@ -31,6 +31,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import json
@@ -40,7 +41,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -203,6 +204,19 @@ def warm_up(fns: dict[str, Callable[..., Any]], args: tuple[Any, ...]) -> dict[s
     return seconds
 
 
+@contextlib.contextmanager
+def _gc_off() -> Iterator[None]:
+    """The garbage collector collected once, then off until the block ends (timings only)."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def time_interleaved(
     fns: dict[str, Callable[..., Any]], args: tuple[Any, ...], *, repeats: int
 ) -> dict[str, np.ndarray]:
@@ -221,10 +235,7 @@ def time_interleaved(
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in names}
     order = np.random.default_rng(0)
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with _gc_off():
         for r in range(repeats):
             if len(names) > 2:
                 turn = [names[i] for i in order.permutation(len(names))]
@@ -234,9 +245,6 @@ def time_interleaved(
                 start = time.perf_counter()
                 jax.block_until_ready(fns[name](*args))
                 samples[name].append(time.perf_counter() - start)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
     return {name: np.asarray(s) for name, s in samples.items()}
 
 
@@ -260,10 +268,7 @@ def time_blocks(
     """
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with _gc_off():
         for r in range(rounds):
             for name in names if r % 2 == 0 else reversed(names):
                 start = time.perf_counter()
@@ -276,9 +281,6 @@ def time_blocks(
                     jax.block_until_ready(fns[name]())
                     took.append(time.perf_counter() - start)
                 samples[name].append(float(np.median(took)))
-    finally:
-        if gc_was_enabled:
-            gc.enable()
     return {name: np.asarray(s) for name, s in samples.items()}
 
 
@@ -429,6 +431,7 @@ def _ratio_cell(ratio: Stats, target: float) -> str:
 def render_table(results: Sequence[Result], *, title: str, target: float) -> Table:
     """A rich table with one row per case."""
     table = Table(title=title, caption=_caption(target), caption_justify="left")
+    with_control = any(r.control for r in results)
     for header in ("case", "sizes @ B"):
         table.add_column(header, no_wrap=True)
     for header in (
@@ -442,11 +445,11 @@ def render_table(results: Sequence[Result], *, title: str, target: float) -> Tab
         "FLOP\nlimit",
         "peak MiB\nmanual / jax",
         "max|Δ∇|\n/max|∇|",
-        *(("A/A\njax.grad",) if any(r.control for r in results) else ()),
+        *(("A/A\njax.grad",) if with_control else ()),
     ):
         table.add_column(header, justify="right", no_wrap=True)
     for r in results:
-        control = (_stats_cell(r.control),) if any(q.control for q in results) else ()
+        control = (_stats_cell(r.control),) if with_control else ()
         table.add_row(
             r.case.name,
             f"{','.join(map(str, r.case.sizes))}\n@ {r.case.batch}",
